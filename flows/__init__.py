@@ -1,0 +1,1 @@
+"""Prefect flows: they compose the work in `tasks/` and hold every Prefect decorator."""

@@ -1,0 +1,139 @@
+"""`requant`: the command line.
+
+    requant train     train the demo baseline head and register it as a model version
+    requant run       requantize a model version and promote the cheapest candidate that meets the bar
+    requant status    show the production model and the last decision
+    requant recipes   list the registered recipes and their config fields
+
+Errors a user can fix print one line on stderr and exit 2; nothing is promoted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from flows import runtime
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="requant", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--verbose", action="store_true", help="Show Prefect's own log lines too.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="Train the baseline head and register it (train.registered_model_name).")
+    train.add_argument("--params", default="params.yaml")
+    train.add_argument("--seed", type=int, default=None, help="Override train.seed (a new version for a re-tune demo).")
+    train.add_argument("--if-missing", action="store_true", help="Do nothing if train.alias already names a version.")
+
+    run = sub.add_parser("run", help="Requantize and promote.")
+    run.add_argument("--params", default="params.yaml")
+    run.add_argument("--model", default=None, help="models:/NAME/VERSION, models:/NAME@ALIAS or a model folder.")
+    run.add_argument("--project", default=None, help="DVC project folder (default: the folder of --params).")
+    run.add_argument("--force", action="store_true", help="Decide again even if this model/data/params was decided.")
+    run.add_argument("--json", action="store_true", help="Print the run summary as JSON instead of the table.")
+
+    status = sub.add_parser("status", help="Show the production model and the last decision.")
+    status.add_argument("--params", default="params.yaml")
+
+    sub.add_parser("recipes", help="List recipes and their config fields.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `requant` command."""
+    args = _parser().parse_args(argv)
+    runtime.configure(verbose=args.verbose)
+    from tasks.errors import RequantError
+
+    try:
+        return {"train": _train, "run": _run, "status": _status, "recipes": _recipes}[args.command](args)
+    except RequantError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; the production alias was not moved", file=sys.stderr)
+        return 130
+
+
+def _train(args) -> int:
+    from tasks.settings import load_settings
+    from tasks.tracking import Tracker
+
+    settings = load_settings(args.params)
+    if args.if_missing:
+        name, alias = settings.train.registered_model_name, settings.train.alias
+        try:
+            Tracker(settings.registry).client.get_model_version_by_alias(name, alias)
+            print(f"models:/{name}@{alias} exists; not training (drop --if-missing to train a new version)")
+            return 0
+        except Exception:  # MlflowException: no such model or alias
+            pass
+    from flows.train import train_and_register
+
+    trained = train_and_register(params_path=args.params, seed=args.seed)
+    print(f"registered models:/{trained.name}/{trained.version}: test accuracy {trained.test_accuracy:.2%} (C={trained.best_c:g})")
+    return 0
+
+
+def _run(args) -> int:
+    from tasks.settings import load_settings
+
+    load_settings(args.params)  # fail on a bad params.yaml before any server starts
+    from flows.requantize import requantize
+
+    summary = requantize(params_path=args.params, model_uri=args.model, project_dir=args.project, force=args.force)
+    if args.json:
+        print(json.dumps(summary.__dict__, indent=2, default=str))
+        return 0
+    if summary.outcome == "already-decided":
+        print(f"already decided for this model, data and params (run {summary.parent_run_id}); nothing changed. "
+              "Use --force to decide again.")
+        return 0
+    print(summary.table)
+    print()
+    print(f"decision: {summary.decision['summary']}")
+    for name, verdict in summary.decision["verdicts"].items():
+        if name != summary.winner:
+            print(f"  {name}: {verdict['reason']}")
+    if summary.promoted_version:
+        print(f"promoted: models:/{summary.decision['serving_model']}/{summary.promoted_version} is now @production")
+    print("phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in summary.phases.items()))
+    return 0
+
+
+def _status(args) -> int:
+    from tasks.settings import load_settings
+    from tasks.tracking import Tracker
+
+    settings = load_settings(args.params)
+    tracker = Tracker(settings.registry)
+    production = tracker.production()
+    name, alias = settings.registry.serving_model_name, settings.registry.production_alias
+    if production:
+        version, _ = production
+        print(f"models:/{name}@{alias} -> version {version.version}")
+        for key in sorted(version.tags):
+            print(f"  {key}: {version.tags[key]}")
+    else:
+        print(f"models:/{name}@{alias} is not set yet: run `requant run`")
+    last = tracker.last_decision()
+    if last:
+        decision = last["decision"]
+        print(f"last decision (run {last['run_id']}): {decision['outcome']}: {decision['summary']}")
+    return 0
+
+
+def _recipes(args) -> int:
+    from tasks.recipes.base import describe_recipes
+
+    for recipe in describe_recipes():
+        print(f"{recipe['id']} ({recipe['precision']}): {recipe['about']}")
+        for field, about in recipe["config"].items():
+            print(f"    {field}: {about}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

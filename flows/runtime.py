@@ -1,0 +1,34 @@
+"""Process-wide defaults for running requant on a machine without network access to hubs."""
+
+import logging
+import os
+
+DEFAULTS = {
+    # No network here: Prefect's analytics and GX's usage stats would only time out.
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "GX_ANALYTICS_ENABLED": "false",
+    # Models load from local folders only; a hub lookup would hang without network.
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
+}
+
+
+def configure(verbose: bool = False) -> None:
+    """Set environment defaults (never overriding the user's) and route logs to stderr.
+
+    Call before importing Prefect: it reads some settings at import.
+    """
+    for key, value in DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    if not verbose:
+        # Prefect logs every state change; requant's own progress lines are enough by default.
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # Root at WARNING: onnxruntime's quantizer logs every tensor at INFO on the root logger.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("requant").setLevel(logging.INFO)
+

