@@ -31,4 +31,6 @@ def configure(verbose: bool = False) -> None:
     # Root at WARNING: onnxruntime's quantizer logs every tensor at INFO on the root logger.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("requant").setLevel(logging.INFO)
+    # GX warns about every ephemeral docs folder it creates; that is not news.
+    logging.getLogger("great_expectations").setLevel(logging.ERROR)
 

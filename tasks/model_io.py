@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -173,7 +174,9 @@ def export_onnx(classifier, tokenizer, path: Path, max_length: int, opset: int) 
     axes = {name: {0: "batch", 1: "sequence"} for name in ONNX_INPUTS}
     axes["logits"] = {0: "batch"}
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
+    # The tracer warns about constants in the attention-mask helper: expected for this export.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         torch.onnx.export(
             classifier,
             tuple(torch.from_numpy(sample[name]) for name in ONNX_INPUTS),

@@ -46,6 +46,11 @@ class Int8Static(Recipe):
 
         if not inputs.calibration_feeds:
             raise RecipeError("int8-static needs calibration data: the calibration set is empty")
+        feeds = inputs.calibration_feeds
+        if config.calibration_method != "minmax":
+            # Histogram calibrators stack every batch's activations into one array, so all
+            # batches must share one sequence length.
+            feeds = _pad_to_common_length(feeds)
 
         class Feeds(CalibrationDataReader):
             def __init__(self) -> None:
@@ -55,7 +60,7 @@ class Int8Static(Recipe):
                 return next(self._it, None)
 
             def rewind(self) -> None:
-                self._it = iter(inputs.calibration_feeds)
+                self._it = iter(feeds)
 
         # A private copy: the quantizer writes temporary files beside its input, and candidates
         # built in parallel from one source graph would race on them.
@@ -81,3 +86,11 @@ class Int8Static(Recipe):
         )
         src.unlink()
         return out
+
+
+def _pad_to_common_length(feeds: list[dict]) -> list[dict]:
+    """Right-pad every batch (token id 0, attention mask 0) to the longest batch's length."""
+    import numpy as np
+
+    longest = max(f["input_ids"].shape[1] for f in feeds)
+    return [{name: np.pad(array, ((0, 0), (0, longest - array.shape[1]))) for name, array in f.items()} for f in feeds]

