@@ -100,27 +100,30 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
         tracker = Tracker(settings.registry)
         host = cpu_info()
         profile = settings.cost.host_profile(host["cpu_model"])
-        source = tracker.fetch_source(model_uri or settings.model.source_uri, project / "models" / "source")
 
-    with clock.phase("data"):
-        data = prepare_data(project, settings.data.output_dir)
-        calibration = pd.read_csv(data.calibration_path, dtype=str, keep_default_na=False)
-        evaluation = pd.read_csv(data.evaluation_path, dtype=str, keep_default_na=False)
+    # The parent run opens before anything can fail, so every failure is a FAILED run with its reason.
+    with tracker.parent_run("requantize", {"requant.hardware_profile": profile.name,
+                                           **{f"host.{k}": v for k, v in host.items()}}) as parent_id:
+        with clock.phase("setup"):
+            source = tracker.fetch_source(model_uri or settings.model.source_uri, project / "models" / "source")
+        with clock.phase("data"):
+            data = prepare_data(project, settings.data.output_dir)
+            calibration = pd.read_csv(data.calibration_path, dtype=str, keep_default_na=False)
+            evaluation = pd.read_csv(data.evaluation_path, dtype=str, keep_default_na=False)
 
-    key = decision_key(source.digest, data, settings)
-    previous = None if force else tracker.previous_decision(key)
-    if previous:
-        log.info("already decided in run %s (%s); nothing changes", previous["run_id"], previous.get(tracking.TAG_OUTCOME))
-        return RunSummary(outcome="already-decided", decision_key=key, parent_run_id=previous["run_id"],
-                          phases=clock.seconds)
+        key = decision_key(source.digest, data, settings)
+        tracker.set_tags(parent_id, {
+            "mlflow.runName": f"requantize-{source.name or Path(source.uri).name}-v{source.version or 'local'}",
+            tracking.TAG_SOURCE_URI: source.uri, tracking.TAG_SOURCE_VERSION: str(source.version or ""),
+            tracking.TAG_SOURCE_DIGEST: source.digest, tracking.TAG_DATA_VERSION: data.version,
+        })
+        previous = None if force else tracker.previous_decision(key)
+        if previous:
+            log.info("already decided in run %s (%s); nothing changes", previous["run_id"], previous.get(tracking.TAG_OUTCOME))
+            tracker.set_tags(parent_id, {tracking.TAG_OUTCOME: "already-decided", "requant.decided_in": previous["run_id"]})
+            return RunSummary(outcome="already-decided", decision_key=key, parent_run_id=previous["run_id"],
+                              phases=clock.seconds)
 
-    run_tags = {
-        tracking.TAG_SOURCE_URI: source.uri, tracking.TAG_SOURCE_VERSION: str(source.version or ""),
-        tracking.TAG_SOURCE_DIGEST: source.digest, tracking.TAG_DATA_VERSION: data.version,
-        "requant.hardware_profile": profile.name, **{f"host.{k}": v for k, v in host.items()},
-    }
-    run_name = f"requantize-{source.name or Path(source.uri).name}-v{source.version or 'local'}"
-    with tracker.parent_run(run_name, run_tags) as parent_id:
         tracker.log_params(parent_id, {
             "source_uri": source.uri, "data_version": data.version, "calibration_md5": data.calibration_md5,
             "evaluation_md5": data.evaluation_md5, "hardware_profile": profile.name,
@@ -178,7 +181,7 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
         tracker.log_metrics(parent_id, {f"phase_{k}_seconds": v for k, v in clock.seconds.items()})
         tracker.set_tags(parent_id, {tracking.TAG_KEY: key, tracking.TAG_OUTCOME: outcome,
                                      "requant.winner": decision.winner or ""})
-        (tracker.client.log_text(parent_id, table + "\n\n" + render_decision(decision), "report.txt"))
+        tracker.client.log_text(parent_id, table + "\n\n" + render_decision(decision), "report.txt")
 
     return RunSummary(outcome=outcome, decision_key=key, parent_run_id=parent_id, winner=decision.winner,
                       promoted_version=promoted_version, table=table, decision=record, phases=clock.seconds)

@@ -91,7 +91,11 @@ class Tracker:
 
     @contextmanager
     def parent_run(self, run_name: str, tags: dict[str, str]) -> Iterator[str]:
-        """One parent run per flow run; a failure ends it FAILED with the reason as a tag."""
+        """One parent run per flow run; a failure ends it FAILED with the reason as a tag.
+
+        Only a run that reached a decision gets TAG_KEY, so a crashed or failed run never counts as
+        "already decided" and is simply redone next time.
+        """
         run = self.client.create_run(self.experiment_id(), run_name=run_name, tags=tags)
         run_id = run.info.run_id
         try:
@@ -181,7 +185,7 @@ class Tracker:
                                                    tags={TAG_ACCURACY: f"{metrics.get('test_accuracy', float('nan')):.6f}"})
         self.client.set_registered_model_alias(name, alias, version.version)
         self.client.set_terminated(run_id, "FINISHED")
-        return version.version
+        return str(version.version)
 
     def fetch_source(self, uri: str, dst: Path) -> SourceModel:
         """Materialise the model to requantize as a local folder.
@@ -212,11 +216,11 @@ class Tracker:
         try:
             if "@" in ref:
                 name, alias = ref.split("@", 1)
-                return name, self.client.get_model_version_by_alias(name, alias).version
+                return name, str(self.client.get_model_version_by_alias(name, alias).version)
             name, _, version = ref.partition("/")
             if not version:
                 raise ModelSourceError(f"model URI {uri} names no version: use models:/NAME/VERSION or models:/NAME@ALIAS")
-            return name, self.client.get_model_version(name, version).version
+            return name, str(self.client.get_model_version(name, version).version)
         except MlflowException as exc:
             raise ModelSourceError(
                 f"model {uri} not found in the registry at {self.uri}: run `requant train` first or pass --model with an existing version"
@@ -251,7 +255,7 @@ class Tracker:
         except MlflowException:
             return None
         tags = version.tags
-        record = ProductionModel(version=version.version, accuracy=float(tags.get(TAG_ACCURACY, "nan")),
+        record = ProductionModel(version=str(version.version), accuracy=float(tags.get(TAG_ACCURACY, "nan")),
                                  monthly_cost_usd=float(tags.get(TAG_MONTHLY_COST, "inf")))
         return version, record
 
@@ -269,16 +273,16 @@ class Tracker:
             version = existing[0] if existing else self._mlflow.register_model(model_uri, name, tags=tags)
             self.client.set_registered_model_alias(name, alias, version.version)
             now = self.client.get_model_version_by_alias(name, alias)
-            if now.version != version.version:
+            if str(now.version) != str(version.version):
                 raise RequantError(f"alias {name}@{alias} reads back version {now.version}, expected {version.version}")
-        return version.version
+        return str(version.version)
 
     def last_decision(self) -> dict | None:
         """The newest finished requantize run's decision record and tags."""
         found = self.client.get_experiment_by_name(self.settings.experiment)
         if not found:
             return None
-        runs = self.client.search_runs([found.experiment_id], filter_string=f"tags.`{TAG_OUTCOME}` != ''",
+        runs = self.client.search_runs([found.experiment_id], filter_string=f"tags.`{TAG_KEY}` != ''",
                                        max_results=1, order_by=["attributes.start_time DESC"])
         if not runs:
             return None

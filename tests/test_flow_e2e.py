@@ -1,0 +1,118 @@
+"""The real flow, end to end: a Banking77 slice, the real MiniLM encoder, DVC in a git repo, MLflow
+on sqlite, Prefect's temporary server. Asserts what a user checks in the MLflow UI afterwards."""
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tasks import tracking
+from tasks.errors import DataError
+from tests.conftest import banking77_slice, make_project
+
+pytestmark = pytest.mark.e2e
+
+FAST_EVALUATE = {"latency_runs": 20, "latency_repeats": 2, "warmup_runs": 3, "throughput_batches": 2,
+                 "throughput_repeats": 3, "throughput_batch_size": 16}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    train_csv, test_csv = banking77_slice(tmp / "data", intents=8, train_per_intent=40, test_per_intent=25)
+    root = make_project(tmp / "project", {
+        "data": {"train_csv": str(train_csv), "test_csv": str(test_csv), "train_sha256": None, "test_sha256": None,
+                 "calibration_size": 64, "min_calibration_rows": 16, "min_eval_rows": 50},
+        "evaluate": FAST_EVALUATE,
+        "registry": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "artifact_location": str(tmp / "artifacts")},
+    })
+    return root, MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="module")
+def first_run(project, prefect_server):
+    from flows.requantize import requantize
+    from flows.train import train_and_register
+
+    root, _ = project
+    trained = train_and_register(params_path=str(root / "params.yaml"))
+    assert trained.version == "1" and trained.test_accuracy > 0.8
+    return requantize(params_path=str(root / "params.yaml"))
+
+
+def test_flow_logs_every_candidate_as_a_nested_run_with_the_same_metrics(project, first_run):
+    _, client = project
+    parent = client.get_run(first_run.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    names = {r.info.run_name for r in children}
+    assert names == {"fp32", "fp16", "int8-dynamic", "int8-dynamic-per-channel", "int8-static", "int4-weight-only",
+                     "mixed-int8-fp32-ffn"}
+    measured = [r for r in children if r.info.status == "FINISHED"]
+    assert len({frozenset(r.data.metrics) for r in measured}) == 1  # same names side by side in the UI
+    assert {"accuracy", "macro_f1", "hard_slice_accuracy", "latency_p95_ms", "throughput_per_s", "size_mb",
+            "peak_memory_mb", "monthly_cost_usd"} <= set(measured[0].data.metrics)
+    assert all(r.inputs.dataset_inputs and r.inputs.dataset_inputs[0].dataset.name == "evaluation" for r in children)
+    assert parent.data.tags[tracking.TAG_DATA_VERSION] == children[0].data.tags[tracking.TAG_DATA_VERSION]
+
+
+def test_decision_record_agrees_with_the_logged_metrics(project, first_run):
+    _, client = project
+    path = client.download_artifacts(first_run.parent_run_id, tracking.DECISION_FILE)
+    record = json.loads(Path(path).read_text())
+    children = {r.info.run_name: r for r in client.search_runs(
+        [client.get_run(first_run.parent_run_id).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{first_run.parent_run_id}'")}
+    winner = record["winner"]
+    assert winner == first_run.winner and record["verdicts"][winner]["passed_bar"]
+    for name, numbers in record["candidates"].items():
+        if numbers["error"] is None:
+            assert children[name].data.metrics["accuracy"] == pytest.approx(numbers["accuracy"])
+    passing = [n for n, v in record["verdicts"].items() if v["passed_bar"]]
+    cheaper = [n for n in passing if record["candidates"][n]["monthly_cost_usd"] < record["candidates"][winner]["monthly_cost_usd"]]
+    # A cheaper passing candidate may only lose when its throughput is within noise of the winner's.
+    for name in cheaper:
+        assert "within measured noise" in record["verdicts"][name]["reason"]
+
+
+def test_production_alias_points_at_the_winner_with_its_lineage(project, first_run):
+    _, client = project
+    assert first_run.outcome == "promoted"
+    version = client.get_model_version_by_alias("minilm-banking77-serving", "production")
+    assert str(version.version) == first_run.promoted_version
+    assert version.tags[tracking.TAG_CANDIDATE] == first_run.winner
+    assert version.tags[tracking.TAG_SOURCE_URI] == "models:/minilm-banking77@champion"
+    assert version.tags[tracking.TAG_SOURCE_VERSION] == "1"
+    assert version.tags[tracking.TAG_DATA_VERSION] == client.get_run(first_run.parent_run_id).data.tags[tracking.TAG_DATA_VERSION]
+
+
+def test_running_again_with_the_same_inputs_changes_nothing(project, first_run):
+    from flows.requantize import requantize
+
+    root, client = project
+    before = client.search_model_versions("name = 'minilm-banking77-serving'")
+    again = requantize(params_path=str(root / "params.yaml"))
+    assert again.outcome == "already-decided" and again.parent_run_id == first_run.parent_run_id
+    assert len(client.search_model_versions("name = 'minilm-banking77-serving'")) == len(before)
+    assert str(client.get_model_version_by_alias("minilm-banking77-serving", "production").version) == first_run.promoted_version
+
+
+def test_data_that_fails_validation_stops_the_run_and_leaves_production(project, first_run):
+    from flows.requantize import requantize
+
+    root, client = project
+    test_csv = Path(root.parent / "data" / "test.csv")
+    original = test_csv.read_text()
+    try:
+        # An intent the model was never trained on appears in the evaluation set.
+        test_csv.write_text(original + "how do I close my account?,close_account_unknown_intent\n")
+        with pytest.raises(DataError, match="expect_column_values_to_be_in_set"):
+            requantize(params_path=str(root / "params.yaml"))
+    finally:
+        test_csv.write_text(original)
+    failed = client.search_runs([client.get_run(first_run.parent_run_id).info.experiment_id],
+                                filter_string="attributes.status = 'FAILED'")
+    assert any("data validation failed" in r.data.tags.get(tracking.TAG_FAILURE, "") for r in failed)
+    assert str(client.get_model_version_by_alias("minilm-banking77-serving", "production").version) == first_run.promoted_version

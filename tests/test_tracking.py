@@ -1,0 +1,107 @@
+"""The MLflow adapter against a real sqlite tracking store and file artifact store."""
+
+import threading
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tasks import tracking
+from tasks.errors import ModelSourceError
+from tasks.settings import RegistrySettings
+from tasks.tracking import Tracker
+
+
+@pytest.fixture
+def tracker(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return Tracker(RegistrySettings(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                    artifact_location=str(tmp_path / "artifacts"), serving_model_name="serving"))
+
+
+def tiny_onnx(path, classes=3):
+    """logits = mean(input_ids) * w: enough graph to log, register and load."""
+    w = numpy_helper.from_array(np.arange(classes, dtype=np.float32).reshape(1, classes), "w")
+    axes = numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["input_ids"], ["f"], to=TensorProto.FLOAT),
+         helper.make_node("ReduceMean", ["f", "axes"], ["m"], keepdims=1),
+         helper.make_node("MatMul", ["m", "w"], ["logits"])],
+        "tiny",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", classes])],
+        [w, axes],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def logged_candidate(tracker, tmp_path, name="int8"):
+    parent = tracker.client.create_run(tracker.experiment_id()).info.run_id
+    run_id = tracker.candidate_run(parent, name, {})
+    return tracker.log_onnx_model(run_id, tiny_onnx(tmp_path / f"{name}.onnx"), classes=3)
+
+
+def tags(key, accuracy="0.92", cost="195.00"):
+    return {tracking.TAG_KEY: key, tracking.TAG_ACCURACY: accuracy, tracking.TAG_MONTHLY_COST: cost,
+            tracking.TAG_RECIPE: "int8-dynamic"}
+
+
+def test_register_source_then_fetch_it_by_alias_and_version(tracker, tiny_model_folder, tmp_path):
+    version = tracker.register_source(tiny_model_folder, "src", "champion", "train", {"C": 1}, {"test_accuracy": 0.9})
+    by_alias = tracker.fetch_source("models:/src@champion", tmp_path / "dl")
+    by_version = tracker.fetch_source(f"models:/src/{version}", tmp_path / "dl")
+    assert by_alias.version == version and by_alias.folder == by_version.folder
+    assert by_alias.digest == tracking.folder_digest(tiny_model_folder)
+
+
+def test_fetch_source_unknown_model_says_how_to_fix(tracker, tmp_path):
+    with pytest.raises(ModelSourceError, match="requant train"):
+        tracker.fetch_source("models:/nope@champion", tmp_path)
+
+
+def test_fetch_source_rejects_a_folder_that_is_not_a_model(tracker, tmp_path):
+    with pytest.raises(ModelSourceError, match="not a requant model folder"):
+        tracker.fetch_source(str(tmp_path), tmp_path / "dl")
+
+
+def test_promote_moves_the_alias_and_tags_the_version(tracker, tmp_path):
+    uri = logged_candidate(tracker, tmp_path)
+    version = tracker.promote(uri, tags("k1"), tmp_path / "locks")
+    current, record = tracker.production()
+    assert str(current.version) == version
+    assert current.tags[tracking.TAG_KEY] == "k1" and record.accuracy == pytest.approx(0.92)
+
+
+def test_promote_same_decision_key_twice_registers_one_version(tracker, tmp_path):
+    uri = logged_candidate(tracker, tmp_path)
+    first = tracker.promote(uri, tags("k1"), tmp_path / "locks")
+    second = tracker.promote(logged_candidate(tracker, tmp_path, "again"), tags("k1"), tmp_path / "locks")
+    assert first == second
+    assert len(tracker.client.search_model_versions("name = 'serving'")) == 1
+
+
+def test_concurrent_promotions_are_serialised_and_alias_matches_a_registered_version(tracker, tmp_path):
+    uris = [logged_candidate(tracker, tmp_path, f"c{i}") for i in range(3)]
+    results, errors = [], []
+
+    def promote(i):
+        try:
+            results.append(tracker.promote(uris[i], tags(f"key{i}"), tmp_path / "locks"))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=promote, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sorted(results, key=int) == ["1", "2", "3"]
+    assert str(tracker.production()[0].version) in results
+
+
+def test_production_is_none_before_any_promotion(tracker):
+    assert tracker.production() is None
