@@ -82,7 +82,7 @@ measure = task(measure_candidate, name="evaluate", cache_policy=NO_CACHE)
 
 @flow(name="requantize", log_prints=False)
 def requantize(params_path: str = "params.yaml", model_uri: str | None = None, project_dir: str | None = None,
-               force: bool = False) -> RunSummary:
+               force: bool = False, work_dir: str | None = None) -> RunSummary:
     """Requantize a model version at every configured precision and promote the cheapest that meets the bar.
 
     Args:
@@ -91,12 +91,14 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
             default: model.source_uri from params.yaml.
         project_dir: the DVC project holding dvc.yaml; default: the folder of params_path.
         force: decide again even if this (model, data, params) was already decided.
+        work_dir: where exported graphs and candidates are built (content-addressed, reused
+            across runs); default: PROJECT/models/work.
     """
     clock = PhaseClock()
     with clock.phase("setup"):
         settings = load_settings(params_path)
         project = Path(project_dir or Path(params_path).resolve().parent).resolve()
-        work_dir = project / "models" / "work"
+        work_dir = Path(work_dir) if work_dir else project / "models" / "work"
         tracker = Tracker(settings.registry)
         host = cpu_info()
         profile = settings.cost.host_profile(host["cpu_model"])
