@@ -23,8 +23,13 @@ from tasks.candidates import BuiltCandidate, MeasuredCandidate, build_candidate,
 from tasks.data_prep import LABEL
 from tasks.reference import Reference, prepare_reference
 from tasks.report import candidate_rows, render_decision, render_table
-from tasks.selection import Decision, Reference as QualityReference, select
-from tasks.settings import Settings, load_settings
+from tasks.pareto import Point, frontier_table, plot_frontier
+from tasks.recipes.base import config_hash, parse_config
+from tasks.search import Budget, SmallestKeptPrefix, Trial, run_search
+from tasks.search_space import expand_all
+from tasks.selection import Decision, Reference as QualityReference, judge, select
+from tasks.sensitivity import GroupSensitivity, plot_ranking, rank_groups
+from tasks.settings import CandidateSpec, Settings, load_settings
 from tasks import tracking
 from tasks.tracking import Tracker
 
@@ -64,7 +69,7 @@ class PhaseClock:
 def decision_key(source_digest: str, data: data_version.DataVersion, settings: Settings) -> str:
     """Identity of a decision: same source model, data and params -> same key -> nothing changes."""
     knobs = {name: getattr(settings, name).model_dump(mode="json")
-             for name in ("quantize", "evaluate", "cost", "quality_bar")}
+             for name in ("quantize", "evaluate", "cost", "quality_bar", "search")}
     knobs["max_length"] = settings.model.max_length
     knobs["serving_model"] = settings.registry.serving_model_name
     payload = json.dumps({"source": source_digest, "data": data.version, "knobs": knobs}, sort_keys=True)
@@ -151,7 +156,17 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
             measured = []
             for candidate in built:
                 log.info("evaluating %s", candidate.name)
-                measured.append(measure(candidate, reference, settings.evaluate, profile, settings.cost.traffic))
+                measured.append(measure(candidate, reference, settings.evaluate, profile, settings.cost.traffic,
+                                        settings.quality_bar))
+
+        search_record = None
+        if settings.search.enabled:
+            with clock.phase("search"):
+                ranking = rank(reference, settings, source.digest, work_dir)
+                search_record, trials = _search_mixed(ranking, reference, measured, settings, profile, source.digest,
+                                                      work_dir)
+                measured += trials
+                _log_sensitivity(tracker, parent_id, ranking, work_dir)
 
         with clock.phase("select"):
             production = tracker.production()
@@ -162,6 +177,7 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
         with clock.phase("track"):
             model_uris = _log_candidates(tracker, parent_id, measured, reference, evaluation, data, key)
             tracker.log_metrics(parent_id, {f"fp32_reference_{k}": v for k, v in reference.quality.as_dict().items()})
+            _log_pareto(tracker, parent_id, measured, decision, settings, reference, work_dir)
 
         promoted_version = None
         with clock.phase("select"):
@@ -175,7 +191,7 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
         table = render_table(candidate_rows(measured, decision))
         record = {**decision.as_dict(), "outcome": outcome, "promoted_version": promoted_version,
                   "decision_key": key, "serving_model": settings.registry.serving_model_name,
-                  "hardware_profile": profile.name, "host": host,
+                  "hardware_profile": profile.name, "host": host, "search": search_record,
                   "candidates": {m.built.name: {"recipe": m.built.recipe, "config_hash": m.built.config_hash,
                                                 "config": m.built.config, "error": m.error,
                                                 **m.metrics(reference.quality.accuracy)} for m in measured}}
@@ -191,7 +207,7 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
 
 def _build_all(settings: Settings, reference: Reference, source_digest: str, work_dir: Path) -> list[BuiltCandidate]:
     """Quantize candidates in parallel, at most quantize.max_parallel at once (memory-bound)."""
-    specs, built = settings.quantize.candidates, []
+    specs, built = expand_all(settings.quantize.candidates), []
     step = settings.quantize.max_parallel
     for start in range(0, len(specs), step):
         futures = [build.submit(spec, reference, source_digest, work_dir) for spec in specs[start:start + step]]
@@ -200,6 +216,92 @@ def _build_all(settings: Settings, reference: Reference, source_digest: str, wor
         if b.error:
             log.warning("candidate %s failed to build: %s", b.name, b.error)
     return built
+
+
+@task(name="sensitivity", cache_policy=NO_CACHE)
+def rank(reference: Reference, settings: Settings, source_digest: str, work_dir: Path) -> list[GroupSensitivity]:
+    """Rank weight groups of the optimized graph; cached per source model and settings (it is slow)."""
+    search = settings.search
+    base = parse_config("int8-dynamic", search.base_config, "search.base_config")
+    graph = reference.inputs.optimized_model if base.graph == "optimized" else reference.inputs.fp32_model
+    cache_key = hashlib.sha256(json.dumps([source_digest, base.model_dump(mode="json"), search.sensitivity_samples,
+                                           settings.quantize.calibration_batch_size]).encode()).hexdigest()[:16]
+    cache = work_dir / "sensitivity" / f"{cache_key}.json"
+    if cache.is_file():
+        return [GroupSensitivity(**g) for g in json.loads(cache.read_text())]
+    feeds, rows = [], 0
+    for feed in reference.inputs.calibration_feeds:
+        if rows >= search.sensitivity_samples:
+            break
+        feeds.append(feed)
+        rows += len(feed["input_ids"])
+    ranking = rank_groups(graph, feeds, work_dir / "sensitivity" / "scratch", per_channel=base.per_channel,
+                          threads=settings.evaluate.intra_op_threads,
+                          progress=lambda i, n: log.info("sensitivity %d/%d", i, n) if i % 5 == 0 or i == n else None)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps([g.as_dict() for g in ranking]))
+    return ranking
+
+
+def _search_mixed(ranking: list[GroupSensitivity], reference: Reference, measured: list[MeasuredCandidate],
+                  settings: Settings, profile, source_digest: str, work_dir: Path) -> tuple[dict, list[MeasuredCandidate]]:
+    """Find the smallest k for which keeping the k most sensitive groups in FP32 passes the bar.
+
+    Trials whose config was already measured (k = 0 is usually a grid candidate) are reused, not rebuilt.
+    """
+    search = settings.search
+    quality = QualityReference(reference.quality.accuracy, reference.quality.hard_slice_accuracy)
+    by_hash = {m.built.config_hash: m for m in measured}
+    new: list[MeasuredCandidate] = []
+    names: dict[int, str] = {}
+
+    def evaluate(k: int) -> Trial[int]:
+        config = {**search.base_config, "nodes_to_exclude": sorted(g.node for g in ranking[:k])}
+        spec = CandidateSpec(name=f"search-keep-fp32-k{k}", recipe="int8-dynamic", config=config)
+        digest = config_hash(spec.recipe, parse_config(spec.recipe, config, spec.name), source_digest)
+        trial = by_hash.get(digest)
+        if trial is None:
+            log.info("search trial k=%d (%s kept in FP32)", k, ", ".join(g.group for g in ranking[:k]) or "nothing")
+            trial = measure(build(spec, reference, source_digest, work_dir), reference, settings.evaluate, profile,
+                            settings.cost.traffic, settings.quality_bar)
+            by_hash[digest] = trial
+            new.append(trial)
+        names[k] = trial.built.name
+        candidate = trial.for_selection()
+        verdict = judge(candidate, quality, settings.quality_bar)
+        return Trial(k, verdict.passed_bar, candidate.monthly_cost_usd if verdict.passed_bar else float("inf"),
+                     candidate.accuracy)
+
+    result = run_search(SmallestKeptPrefix(len(ranking)), evaluate,
+                        Budget(max_trials=search.max_trials, max_seconds=search.max_minutes * 60))
+    record = {
+        "strategy": "smallest k most-sensitive groups kept in FP32 (k=0 first, then binary search)",
+        "stop_reason": result.stop_reason,
+        "best_k": result.best.proposal if result.best else None,
+        "best_candidate": names[result.best.proposal] if result.best else None,
+        "kept_fp32": [g.group for g in ranking[: result.best.proposal]] if result.best else None,
+        "trials": [{"k": t.proposal, "candidate": names[t.proposal], "passed": t.passed, "accuracy": t.accuracy}
+                   for t in result.trials],
+    }
+    log.info("search: %s; best k=%s", result.stop_reason, record["best_k"])
+    return record, new
+
+
+def _log_sensitivity(tracker: Tracker, parent_id: str, ranking: list[GroupSensitivity], work_dir: Path) -> None:
+    tracker.log_dict(parent_id, {"ranking": [g.as_dict() for g in ranking]}, "sensitivity.json")
+    plot = plot_ranking(ranking, work_dir / "sensitivity.png")
+    tracker.client.log_artifact(parent_id, str(plot))
+
+
+def _log_pareto(tracker: Tracker, parent_id: str, measured: list[MeasuredCandidate], decision: Decision,
+                settings: Settings, reference: Reference, work_dir: Path) -> None:
+    points = [Point(m.built.name, m.cost.monthly_cost_usd, m.quality.accuracy, decision.verdicts[m.built.name].passed_bar)
+              for m in measured if m.cost and m.quality]
+    if not points:
+        return
+    tracker.log_dict(parent_id, {"points": frontier_table(points, decision.winner)}, "pareto.json")
+    floor = reference.quality.accuracy * (1 - settings.quality_bar.max_relative_accuracy_loss)
+    tracker.client.log_artifact(parent_id, str(plot_frontier(points, decision.winner, floor, work_dir / "pareto.png")))
 
 
 def _log_candidates(tracker: Tracker, parent_id: str, measured: list[MeasuredCandidate], reference: Reference,

@@ -16,7 +16,8 @@ from tasks.onnx_graph import prove_candidate
 from tasks.recipes.base import config_hash, parse_config, recipe_class
 from tasks.reference import Reference
 from tasks.selection import Candidate
-from tasks.settings import CandidateSpec, EvaluateSettings, HardwareProfile, TrafficSettings
+from tasks.quality_gate import LossInterval, paired_relative_loss
+from tasks.settings import CandidateSpec, EvaluateSettings, HardwareProfile, QualityBar, TrafficSettings
 
 PROOF_FILE = "proof.json"
 
@@ -47,6 +48,7 @@ class MeasuredCandidate:
     speed: SpeedMetrics | None = None
     cost: CostEstimate | None = None
     predictions: list[int] = field(default_factory=list)
+    accuracy_loss: LossInterval | None = None
     error: str | None = None
 
     def metrics(self, reference_accuracy: float) -> dict[str, float]:
@@ -55,6 +57,9 @@ class MeasuredCandidate:
         if self.quality:
             out.update(self.quality.as_dict())
             out["relative_accuracy_loss"] = (reference_accuracy - self.quality.accuracy) / reference_accuracy
+        if self.accuracy_loss:
+            out["relative_accuracy_loss_low"] = self.accuracy_loss.low
+            out["relative_accuracy_loss_high"] = self.accuracy_loss.high
         if self.speed:
             out.update(self.speed.as_dict())
         if self.cost:
@@ -76,6 +81,7 @@ class MeasuredCandidate:
             throughput_per_s=self.speed.throughput_per_s, throughput_low_per_s=self.speed.throughput_low_per_s,
             throughput_high_per_s=self.speed.throughput_high_per_s, monthly_cost_usd=self.cost.monthly_cost_usd,
             size_mb=self.speed.size_mb,
+            accuracy_loss_high=self.accuracy_loss.high if self.accuracy_loss else None,
         )
 
 
@@ -115,8 +121,11 @@ def build_candidate(spec: CandidateSpec, reference: Reference, source_digest: st
 
 
 def measure_candidate(built: BuiltCandidate, reference: Reference, evaluate: EvaluateSettings,
-                      profile: HardwareProfile, traffic: TrafficSettings) -> MeasuredCandidate:
-    """Score quality on the whole evaluation set, then time it alone on this host, then price it."""
+                      profile: HardwareProfile, traffic: TrafficSettings, bar: QualityBar) -> MeasuredCandidate:
+    """Score quality on the whole evaluation set, then time it alone on this host, then price it.
+
+    With `bar.gate == "interval"` the accuracy loss also gets its paired bootstrap interval.
+    """
     measured = MeasuredCandidate(built)
     if built.error or built.model_path is None:
         measured.error = built.error or "not built"
@@ -126,6 +135,10 @@ def measure_candidate(built: BuiltCandidate, reference: Reference, evaluate: Eva
         logits = predict_onnx(session, reference.eval_batches, len(reference.y_true))
         measured.quality = quality_metrics(logits, reference.y_true, reference.predictions, reference.hard_idx)
         measured.predictions = logits.argmax(axis=1).tolist()
+        if bar.gate == "interval":
+            measured.accuracy_loss = paired_relative_loss(
+                reference.predictions == reference.y_true, logits.argmax(axis=1) == reference.y_true,
+                bar.confidence, bar.bootstrap_samples)
         measured.speed = measure_speed(session, built.model_path, reference.latency_feeds, reference.throughput_feeds, evaluate)
         measured.cost = monthly_cost(measured.speed.throughput_per_s, profile, traffic)
     except (RequantError, RuntimeError, ValueError, OSError) as exc:

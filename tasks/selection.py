@@ -2,8 +2,9 @@
 
 Rules, in order:
 1. A candidate that failed to build or verify is out.
-2. Its accuracy loss relative to the FP32 reference must be within the bar, and so must its
-   hard-slice loss; an optional p95 latency limit applies.
+2. Its accuracy loss relative to the FP32 reference must be within the bar (judged on the upper
+   end of its paired interval when one is given), and so must its hard-slice loss; an optional
+   p95 latency limit applies.
 3. Among the passing candidates the cheapest (monthly cost, then throughput) leads. Any passing
    candidate whose throughput interval overlaps the leader's is tied with it within measured
    noise; among the tied, the more accurate wins, then the smaller. A cost difference smaller
@@ -33,6 +34,9 @@ class Candidate:
     monthly_cost_usd: float = 0.0
     size_mb: float = 0.0
     error: str | None = None
+    # Upper end of the paired interval on the relative accuracy loss (quality_gate); when set,
+    # the bar is judged on it instead of the point estimate.
+    accuracy_loss_high: float | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class Verdict:
     relative_accuracy_loss: float | None
     hard_slice_relative_loss: float | None
     reason: str = ""
+    relative_accuracy_loss_high: float | None = None
 
 
 @dataclass
@@ -82,16 +87,20 @@ def _relative_loss(reference: float, value: float) -> float:
     return (reference - value) / reference if reference > 0 else 0.0
 
 
-def _judge(candidate: Candidate, reference: Reference, bar: QualityBar) -> Verdict:
+def judge(candidate: Candidate, reference: Reference, bar: QualityBar) -> Verdict:
+    """Whether one candidate meets the bar, with the reason when it does not."""
     if candidate.error:
         return Verdict(False, None, None, f"failed: {candidate.error}")
     loss = _relative_loss(reference.accuracy, candidate.accuracy)
     hard_loss = _relative_loss(reference.hard_slice_accuracy, candidate.hard_slice_accuracy)
-    verdict = Verdict(True, loss, hard_loss)
-    if loss > bar.max_relative_accuracy_loss:
+    verdict = Verdict(True, loss, hard_loss, relative_accuracy_loss_high=candidate.accuracy_loss_high)
+    judged = loss if candidate.accuracy_loss_high is None else max(loss, candidate.accuracy_loss_high)
+    if judged > bar.max_relative_accuracy_loss:
         verdict.passed_bar = False
+        interval = (f"; upper end of the {bar.confidence:.0%} paired interval {candidate.accuracy_loss_high:.2%}"
+                    if candidate.accuracy_loss_high is not None else "")
         verdict.reason = (
-            f"accuracy {candidate.accuracy:.2%} is {loss:.2%} below FP32 {reference.accuracy:.2%} "
+            f"accuracy {candidate.accuracy:.2%} is {loss:.2%} below FP32 {reference.accuracy:.2%}{interval} "
             f"(bar: {bar.max_relative_accuracy_loss:.2%})"
         )
     elif hard_loss > bar.max_hard_slice_relative_loss:
@@ -121,7 +130,7 @@ def select(candidates: list[Candidate], reference: Reference, bar: QualityBar,
         production: the model behind the production alias, if any; a winner that is neither
             more accurate nor cheaper than it is not promoted.
     """
-    verdicts = {c.name: _judge(c, reference, bar) for c in candidates}
+    verdicts = {c.name: judge(c, reference, bar) for c in candidates}
     decision = Decision(winner=None, promote=False, summary="", reference=asdict(reference), bar=bar.model_dump(),
                         verdicts=verdicts)
     passing = sorted((c for c in candidates if verdicts[c.name].passed_bar),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -106,6 +106,18 @@ class EvaluateSettings(_Section):
     throughput_repeats: int = Field(5, ge=2, description="Throughput repeats; their min..max is the noise band.")
 
 
+class SearchSettings(_Section):
+    """Sensitivity analysis and the mixed-precision search built on it."""
+
+    enabled: bool = Field(True, description="Rank groups by sensitivity and search the smallest FP32 set that passes.")
+    sensitivity_samples: int = Field(256, ge=8, description="Calibration texts used to measure each group's output drift.")
+    base_config: dict[str, Any] = Field(
+        default_factory=lambda: {"per_channel": True, "weight_type": "QInt8", "graph": "optimized"},
+        description="int8-dynamic config every trial starts from; trial k keeps the k most sensitive groups in FP32.")
+    max_trials: int = Field(8, ge=1, description="Budget: trials the search may build and measure.")
+    max_minutes: float = Field(10.0, gt=0, description="Budget: wall minutes the search may spend.")
+
+
 class HardwareProfile(_Section):
     """A machine type one could serve on, with its on-demand price."""
 
@@ -159,11 +171,17 @@ class QualityBar(_Section):
     Worked example with the defaults: FP32 (PyTorch eager) scores 93.0% on the evaluation set.
     `max_relative_accuracy_loss: 0.015` admits candidates down to 93.0 * (1 - 0.015) = 91.6%.
     If FP32 scores 80.0% on the hard slice, `max_hard_slice_relative_loss: 0.05` admits 76.0% there.
+    With `gate: interval` the accuracy test uses the upper end of the 95% paired bootstrap interval
+    of the loss: a candidate at 92.2% (0.86% point loss) whose interval is [0.3%, 1.6%] fails.
     """
 
     max_relative_accuracy_loss: float = Field(0.015, ge=0, lt=1, description="Largest accuracy loss vs FP32, relative (0.015 = 1.5%).")
     max_hard_slice_relative_loss: float = Field(0.05, ge=0, lt=1, description="Largest hard-slice accuracy loss vs FP32, relative.")
     max_p95_latency_ms: float | None = Field(None, gt=0, description="Optional batch-1 p95 latency limit in ms.")
+    gate: Literal["interval", "point"] = Field(
+        "interval", description="'interval': the upper end of the paired bootstrap interval of the loss must be within the bar; 'point': the estimate alone.")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="Two-sided coverage of the paired interval.")
+    bootstrap_samples: int = Field(2000, ge=100, description="Paired bootstrap resamples.")
 
 
 class RegistrySettings(_Section):
@@ -186,6 +204,7 @@ class Settings(_Section):
     evaluate: EvaluateSettings = EvaluateSettings()
     cost: CostSettings
     quality_bar: QualityBar = QualityBar()
+    search: SearchSettings = SearchSettings()
     registry: RegistrySettings = RegistrySettings()
 
 
@@ -217,11 +236,16 @@ def load_settings(path: str | Path) -> Settings:
         raise SettingsError(
             f"{path}: '{where}': {first['msg']} ({exc.error_count()} problem(s)); fix params.yaml"
         ) from exc
-    # Recipe configs are checked now, not when the recipe runs half an hour later.
+    # Recipe configs (every point of a declared grid) are checked now, not when the recipe runs.
     from tasks.recipes.base import parse_config
+    from tasks.search_space import expand_all
 
-    for candidate in settings.quantize.candidates:
+    points = expand_all(settings.quantize.candidates)
+    for candidate in points:
         parse_config(candidate.recipe, candidate.config, candidate.name)
+    names = [c.name for c in points]
+    if len(set(names)) != len(names):
+        raise SettingsError(f"{path}: quantize.candidates expand to duplicate names; rename a candidate")
     return _resolve_paths(settings, path.parent.resolve())
 
 

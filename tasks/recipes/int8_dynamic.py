@@ -19,6 +19,7 @@ class Int8DynamicConfig(GraphChoice):
     reduce_range: bool = Field(False, description="7-bit weights, for CPUs whose u8s8 kernels overflow (onnxruntime#6004).")
     op_types: list[str] | None = Field(None, description="Op types to quantize; null = ONNX Runtime's default set.")
     nodes_to_exclude: list[str] = Field(default_factory=list, description="Exact node names left in FP32.")
+    nodes_to_quantize: list[str] | None = Field(None, description="Exact node names to quantize; null = every node of op_types.")
 
 
 def quantize_dynamic_int8(src: Path, out: Path, config: Int8DynamicConfig) -> Path:
@@ -39,6 +40,7 @@ def quantize_dynamic_int8(src: Path, out: Path, config: Int8DynamicConfig) -> Pa
         weight_type=QuantType[config.weight_type],
         op_types_to_quantize=config.op_types,
         nodes_to_exclude=config.nodes_to_exclude or None,
+        nodes_to_quantize=config.nodes_to_quantize,
         # Shape inference cannot see through the fused com.microsoft ops of the optimized graph;
         # without a default type the quantizer stops on "Unable to find data type for weight_name".
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},

@@ -1,0 +1,116 @@
+"""Real servers for tests: start one on 127.0.0.1 on a free port, stop it by its PID.
+
+Plain functions and context managers (no pytest plugin), so any test or script can use them:
+
+    with moto_s3_server() as endpoint_url:
+        boto3.client("s3", endpoint_url=endpoint_url).create_bucket(Bucket="b")
+
+Servers bind 127.0.0.1 only: tests must never expose a port beyond this machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that nothing listens on right now.
+
+    The OS picks it (bind to port 0); the socket is closed before returning, so another process
+    could take it in between. Callers that start a server on it detect that by the server exiting.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def venv_executable(name: str) -> Path:
+    """The console script `name` installed next to the running Python (the project's venv).
+
+    Raises:
+        FileNotFoundError: if the venv has no such script (e.g. `moto[server]` is not installed).
+    """
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: install the test extras (pip install -e '.[test]')")
+    return path
+
+
+def wait_until_answering(url: str, process: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
+    """Poll `url` until any HTTP answer comes back, the process dies, or `timeout_s` passes.
+
+    Any HTTP status (even 404) counts as answering: the point is that the server is listening.
+
+    Raises:
+        RuntimeError: if the process exited or did not answer in time; the message carries its log.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server (pid {process.pid}) exited with {process.returncode} before answering "
+                               f"{url}; its output:\n{log_path.read_text(errors='replace')[-4000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except urllib.error.HTTPError:
+            return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            time.sleep(0.1)
+    raise RuntimeError(f"server (pid {process.pid}) did not answer {url} within {timeout_s:.0f} s; its output:\n"
+                       f"{log_path.read_text(errors='replace')[-4000:]}")
+
+
+def stop_process(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Stop `process` by its PID: SIGTERM, then SIGKILL if it has not exited after `grace_s`."""
+    if process.poll() is not None:
+        return
+    os.kill(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@contextmanager
+def moto_s3_server(startup_timeout_s: float = 30.0) -> Iterator[str]:
+    """Run moto's S3-compatible HTTP server on a free port; yield its endpoint URL.
+
+    Each server holds its own in-memory buckets, so tests that start their own server share nothing.
+    Clients still need credentials (any values) and a region in their environment.
+
+    Args:
+        startup_timeout_s: How long to wait for the server to answer before giving up.
+
+    Yields:
+        The endpoint URL, e.g. ``http://127.0.0.1:54321``.
+
+    Raises:
+        RuntimeError: if the server exits early or does not answer within `startup_timeout_s`.
+    """
+    port = free_port()
+    url = f"http://{HOST}:{port}"
+    # Output goes to a file, not a pipe: a pipe nobody reads fills up and blocks the server.
+    with tempfile.NamedTemporaryFile(prefix="moto-server-", suffix=".log", delete=False) as log:
+        log_path = Path(log.name)
+        process = subprocess.Popen([str(venv_executable("moto_server")), "-H", HOST, "-p", str(port)],
+                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        wait_until_answering(url, process, log_path, startup_timeout_s)
+        yield url
+    finally:
+        stop_process(process)
+        log_path.unlink(missing_ok=True)
