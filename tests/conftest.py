@@ -46,6 +46,9 @@ def tiny_model_folder(tmp_path_factory, minilm_dir) -> Path:
 
     from tasks.model_io import ModelCard, load_tokenizer, save_model_folder
 
+    import torch
+
+    torch.manual_seed(0)  # the same tiny model in every session
     encoder_dir = tmp_path_factory.mktemp("tiny-encoder")
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=128)
