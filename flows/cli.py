@@ -80,10 +80,11 @@ def _train(args) -> int:
 def _run(args) -> int:
     from tasks.settings import load_settings
 
-    load_settings(args.params)  # fail on a bad params.yaml before any server starts
-    from flows.requantize import requantize
+    settings = load_settings(args.params)  # fail on a bad params.yaml before any server starts
+    from flows.runners import requantize_for
 
-    summary = requantize(params_path=args.params, model_uri=args.model, project_dir=args.project, force=args.force)
+    summary = requantize_for(settings)(params_path=args.params, model_uri=args.model, project_dir=args.project,
+                                       force=args.force)
     if args.json:
         print(json.dumps(summary.__dict__, indent=2, default=str))
         return 0

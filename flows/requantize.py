@@ -9,7 +9,7 @@ import hashlib
 import json
 import logging
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from tasks import data_version, validation
 from tasks.benchmark import cpu_info
 from tasks.candidates import BuiltCandidate, MeasuredCandidate, build_candidate, measure_candidate
 from tasks.data_prep import LABEL
+from tasks.locking import exclusive
 from tasks.reference import Reference, prepare_reference
 from tasks.report import candidate_rows, render_decision, render_table
 from tasks.pareto import Point, frontier_table, plot_frontier
@@ -109,8 +110,9 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
         profile = settings.cost.host_profile(host["cpu_model"])
 
     # The parent run opens before anything can fail, so every failure is a FAILED run with its reason.
-    with tracker.parent_run("requantize", {"requant.hardware_profile": profile.name,
-                                           **{f"host.{k}": v for k, v in host.items()}}) as parent_id:
+    # `held` is entered first so that its lock is released only after the run is marked FINISHED.
+    with ExitStack() as held, tracker.parent_run("requantize", {"requant.hardware_profile": profile.name,
+                                                               **{f"host.{k}": v for k, v in host.items()}}) as parent_id:
         with clock.phase("setup"):
             source = tracker.fetch_source(model_uri or settings.model.source_uri, project / "models" / "source")
         with clock.phase("data"):
@@ -124,6 +126,11 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
             tracking.TAG_SOURCE_URI: source.uri, tracking.TAG_SOURCE_VERSION: str(source.version or ""),
             tracking.TAG_SOURCE_DIGEST: source.digest, tracking.TAG_DATA_VERSION: data.version,
         })
+        # At most one requantization per source model at a time (a nightly run and a triggered run
+        # can collide): the second waits here, then finds the first one's decision and stops.
+        with clock.phase("setup"):
+            held.enter_context(exclusive(project / ".requant", f"requantize-{source.name or source.digest[:16]}",
+                                         timeout_s=settings.operations.lock_timeout_minutes * 60))
         previous = None if force else tracker.previous_decision(key)
         if previous:
             log.info("already decided in run %s (%s); nothing changes", previous["run_id"], previous.get(tracking.TAG_OUTCOME))
@@ -193,6 +200,7 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
                   "decision_key": key, "serving_model": settings.registry.serving_model_name,
                   "hardware_profile": profile.name, "host": host, "search": search_record,
                   "candidates": {m.built.name: {"recipe": m.built.recipe, "config_hash": m.built.config_hash,
+                                                "built_by": m.built.built_by,
                                                 "config": m.built.config, "error": m.error,
                                                 **m.metrics(reference.quality.accuracy)} for m in measured}}
         tracker.log_dict(parent_id, record, tracking.DECISION_FILE)

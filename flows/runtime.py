@@ -30,7 +30,15 @@ def configure(verbose: bool = False) -> None:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # Root at WARNING: onnxruntime's quantizer logs every tensor at INFO on the root logger.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_drop_known_advice)
     logging.getLogger("requant").setLevel(logging.INFO)
     # GX warns about every ephemeral docs folder it creates; that is not news.
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
 
+
+
+def _drop_known_advice(record: logging.LogRecord) -> bool:
+    # onnxruntime's quantizer repeats this advice for every call; requant's recipes decide
+    # pre-processing themselves (see tasks/recipes/int8_static.py).
+    return not record.getMessage().startswith("Please consider")

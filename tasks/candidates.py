@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +38,8 @@ class BuiltCandidate:
     size_ratio: float = 0.0
     build_seconds: float = 0.0
     reused: bool = False
+    # Which host and process built it: with a Dask runner, a worker, not the flow's process.
+    built_by: str = ""
     error: str | None = None
 
 
@@ -95,7 +99,8 @@ def build_candidate(spec: CandidateSpec, reference: Reference, source_digest: st
     cls = recipe_class(spec.recipe)
     config = parse_config(spec.recipe, spec.config, spec.name)
     digest = config_hash(spec.recipe, config, source_digest)
-    built = BuiltCandidate(spec.name, spec.recipe, cls.precision, config.model_dump(mode="json"), digest)
+    built = BuiltCandidate(spec.name, spec.recipe, cls.precision, config.model_dump(mode="json"), digest,
+                           built_by=f"{socket.gethostname()}:{os.getpid()}")
     out_dir = work_dir / "candidates" / f"{spec.recipe}-{digest}"
     proof_path = out_dir / PROOF_FILE
     if proof_path.is_file() and (out_dir / "model.onnx").is_file():

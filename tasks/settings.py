@@ -118,6 +118,17 @@ class SearchSettings(_Section):
     max_minutes: float = Field(10.0, gt=0, description="Budget: wall minutes the search may spend.")
 
 
+class OperationsSettings(_Section):
+    """How requant runs unattended: schedule, task runner, locks."""
+
+    cron: str = Field("0 2 * * *", description="Nightly schedule of the requantize deployment (cron, in `timezone`).")
+    timezone: str = Field("UTC", description="Time zone of the cron schedule.")
+    task_runner: Literal["threads", "dask"] = Field("threads", description="Where quantize tasks run: a thread pool here, or a Dask cluster.")
+    dask_address: str | None = Field(None, description="Existing Dask scheduler (tcp://host:8786); null starts a local cluster.")
+    dask_workers: int = Field(2, ge=1, description="Worker processes of a local Dask cluster.")
+    lock_timeout_minutes: float = Field(120.0, gt=0, description="How long a run waits for another run of the same model before failing.")
+
+
 class HardwareProfile(_Section):
     """A machine type one could serve on, with its on-demand price."""
 
@@ -205,6 +216,7 @@ class Settings(_Section):
     cost: CostSettings
     quality_bar: QualityBar = QualityBar()
     search: SearchSettings = SearchSettings()
+    operations: OperationsSettings = OperationsSettings()
     registry: RegistrySettings = RegistrySettings()
 
 

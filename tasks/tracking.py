@@ -7,7 +7,6 @@ tasks return numbers and this adapter writes them.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from tasks.errors import ModelSourceError, RequantError
+from tasks.locking import exclusive
 from tasks.selection import ProductionModel
 from tasks.settings import RegistrySettings
 
@@ -267,7 +267,7 @@ class Tracker:
         same decision key is reused, never duplicated.
         """
         name, alias = self.settings.serving_model_name, self.settings.production_alias
-        with promotion_lock(lock_dir, name):
+        with exclusive(lock_dir, f"promote-{name}"):
             self._ensure_registered_model(name)
             existing = self.client.search_model_versions(f"name = '{name}' and tags.`{TAG_KEY}` = '{tags[TAG_KEY]}'")
             version = existing[0] if existing else self._mlflow.register_model(model_uri, name, tags=tags)
@@ -303,15 +303,3 @@ def folder_digest(folder: Path) -> str:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()
-
-
-@contextmanager
-def promotion_lock(lock_dir: Path, name: str) -> Iterator[None]:
-    """An exclusive OS file lock per registered model; released when its holder exits, even if killed."""
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / f"promote-{name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

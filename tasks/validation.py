@@ -7,6 +7,7 @@ anything is quantized.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -53,6 +54,8 @@ def run_suite(frame: pd.DataFrame, data_set: str, suite) -> ValidationReport:
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
+    # GX resets its loggers on import and then warns about each ephemeral docs folder it creates.
+    logging.getLogger("great_expectations").setLevel(logging.ERROR)
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     batch = (context.data_sources.add_pandas(data_set).add_dataframe_asset(data_set)

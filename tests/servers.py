@@ -114,3 +114,25 @@ def moto_s3_server(startup_timeout_s: float = 30.0) -> Iterator[str]:
     finally:
         stop_process(process)
         log_path.unlink(missing_ok=True)
+
+
+@contextmanager
+def prefect_api_server(home: Path, startup_timeout_s: float = 90.0) -> Iterator[str]:
+    """Run `prefect server start` on a free port with its own PREFECT_HOME; yield its API URL.
+
+    Analytics are off (no network). The server is stopped by its PID.
+    """
+    port = free_port()
+    api = f"http://{HOST}:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_URL": api, "PREFECT_UI_ENABLED": "false"}
+    home.mkdir(parents=True, exist_ok=True)
+    log_path = home / "server.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([str(venv_executable("prefect")), "server", "start", "--host", HOST, "--port", str(port)],
+                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    try:
+        wait_until_answering(f"{api}/health", process, log_path, startup_timeout_s)
+        yield api
+    finally:
+        stop_process(process)
