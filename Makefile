@@ -5,7 +5,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test bench
+.PHONY: setup run test bench bench-peers olive-venv
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,3 +26,15 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/time_default_run.py
+
+# Optional peer for bench-peers: Olive in its own venv (not a runtime dependency of requant).
+$(VENV)-olive/.installed: benchmarks/olive-requirements.txt
+	$(PYTHON) -m venv $(VENV)-olive
+	$(VENV)-olive/bin/python -m pip install --quiet torch==2.13.0
+	$(VENV)-olive/bin/python -m pip install --quiet -c benchmarks/olive-constraints.txt -r benchmarks/olive-requirements.txt
+	touch $@
+
+olive-venv: $(VENV)-olive/.installed
+
+bench-peers: setup olive-venv
+	$(BIN)/python benchmarks/compare_peers.py --olive-python $(VENV)-olive/bin/python
