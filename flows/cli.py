@@ -4,6 +4,9 @@
     requant run       requantize a model version and promote the cheapest candidate that meets the bar
     requant status    show the production model and the last decision
     requant recipes   list the registered recipes and their config fields
+    requant serve     serve the requantize deployment: nightly cron + a run per new model version
+    requant webhook-receiver   receive MLflow registry webhooks and emit Prefect events
+    requant register-webhook   create the MLflow webhook that calls the receiver
 
 Errors a user can fix print one line on stderr and exit 2; nothing is promoted.
 """
@@ -38,6 +41,17 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--params", default="params.yaml")
 
     sub.add_parser("recipes", help="List recipes and their config fields.")
+
+    serve = sub.add_parser("serve", help="Serve the requantize deployment (cron + trigger); needs PREFECT_API_URL.")
+    serve.add_argument("--params", default="params.yaml")
+
+    receiver = sub.add_parser("webhook-receiver", help="Receive MLflow webhooks (secret: $REQUANT_WEBHOOK_SECRET).")
+    receiver.add_argument("--host", default="127.0.0.1")
+    receiver.add_argument("--port", type=int, default=8788)
+
+    hook = sub.add_parser("register-webhook", help="Create the MLflow model_version.created webhook.")
+    hook.add_argument("--params", default="params.yaml")
+    hook.add_argument("--url", required=True, help="The receiver's URL, e.g. http://127.0.0.1:8788/mlflow")
     return parser
 
 
@@ -48,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.errors import RequantError
 
     try:
-        return {"train": _train, "run": _run, "status": _status, "recipes": _recipes}[args.command](args)
+        commands = {"train": _train, "run": _run, "status": _status, "recipes": _recipes, "serve": _serve,
+                    "webhook-receiver": _webhook_receiver, "register-webhook": _register_webhook}
+        return commands[args.command](args)
     except RequantError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -133,6 +149,44 @@ def _recipes(args) -> int:
         print(f"{recipe['id']} ({recipe['precision']}): {recipe['about']}")
         for field, about in recipe["config"].items():
             print(f"    {field}: {about}")
+    return 0
+
+
+def _serve(args) -> int:
+    import os
+
+    from tasks.errors import RequantError
+    from tasks.settings import load_settings
+
+    settings = load_settings(args.params)
+    if not os.environ.get("PREFECT_API_URL"):
+        raise RequantError("PREFECT_API_URL is not set: start `prefect server start` (or use Prefect Cloud) and export its API URL")
+    from flows.deploy import serve
+
+    serve(settings, args.params)
+    return 0
+
+
+def _webhook_receiver(args) -> int:
+    from flows.webhook_receiver import serve_receiver
+
+    serve_receiver(args.host, args.port)
+    return 0
+
+
+def _register_webhook(args) -> int:
+    import os
+
+    from flows.webhook_receiver import SECRET_ENV
+    from tasks.errors import RequantError
+    from tasks.settings import load_settings
+    from tasks.tracking import Tracker
+
+    secret = os.environ.get(SECRET_ENV)
+    if not secret:
+        raise RequantError(f"{SECRET_ENV} is not set: choose a secret and export it for both the receiver and this command")
+    webhook = Tracker(load_settings(args.params).registry).register_webhook(args.url, secret)
+    print(f"webhook {webhook} calls {args.url} on model_version.created")
     return 0
 
 

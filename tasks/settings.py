@@ -199,7 +199,8 @@ class RegistrySettings(_Section):
     """Where runs are tracked and where the winner is registered."""
 
     tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI; MLFLOW_TRACKING_URI overrides it.")
-    artifact_location: str = Field("mlartifacts", description="Artifact root for a new experiment (a folder or s3://...).")
+    artifact_location: str | None = Field(
+        "mlartifacts", description="Artifact root for a new experiment: a folder, or a URI such as s3://bucket/mlflow; null = the tracking server's default.")
     experiment: str = Field("requant", description="MLflow experiment name.")
     serving_model_name: str = Field("minilm-banking77-serving", description="Registered model that holds promoted quantized versions.")
     production_alias: str = Field("production", description="Alias moved to the winner.")
@@ -275,7 +276,7 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(_absolute(Path(uri[len("sqlite:///"):]), base))
     location = registry.artifact_location
-    if "://" not in location:
+    if location is not None and not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", location):  # a path, not a URI
         location = str(_absolute(Path(location), base))
     registry = registry.model_copy(update={"tracking_uri": uri, "artifact_location": location})
     return settings.model_copy(update={"data": resolved, "registry": registry})

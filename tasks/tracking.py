@@ -82,8 +82,8 @@ class Tracker:
         if found:
             return found.experiment_id
         location = self.settings.artifact_location
-        if "://" not in location:
-            location = Path(location).resolve().as_uri()
+        if location is not None and location.startswith("/"):
+            location = Path(location).as_uri()
         try:
             return self.client.create_experiment(self.settings.experiment, artifact_location=location)
         except Exception:  # created concurrently by another run
@@ -276,6 +276,18 @@ class Tracker:
             if str(now.version) != str(version.version):
                 raise RequantError(f"alias {name}@{alias} reads back version {now.version}, expected {version.version}")
         return str(version.version)
+
+    def register_webhook(self, url: str, secret: str, name: str = "requant-retune") -> str:
+        """Create (or replace) the registry webhook for model_version.created; return its id.
+
+        Needs an `mlflow server` tracking URI: only the server sends webhooks.
+        """
+        if not self.uri.startswith(("http://", "https://")):
+            raise RequantError(f"webhooks need an MLflow server, but the tracking URI is {self.uri}: set MLFLOW_TRACKING_URI")
+        for existing in self.client.list_webhooks():
+            if existing.name == name:
+                self.client.delete_webhook(existing.webhook_id)
+        return self.client.create_webhook(name=name, url=url, events=["model_version.created"], secret=secret).webhook_id
 
     def last_decision(self) -> dict | None:
         """The newest finished requantize run's decision record and tags."""

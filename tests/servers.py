@@ -136,3 +136,38 @@ def prefect_api_server(home: Path, startup_timeout_s: float = 90.0) -> Iterator[
         yield api
     finally:
         stop_process(process)
+
+
+@contextmanager
+def mlflow_tracking_server(root: Path, startup_timeout_s: float = 120.0) -> Iterator[str]:
+    """Run `mlflow server` (one worker, sqlite, local artifacts) with webhooks to local receivers allowed.
+
+    Only a server sends registry webhooks; local http receivers need the two MLFLOW_WEBHOOK_* flags.
+    """
+    port = free_port()
+    url = f"http://{HOST}:{port}"
+    root.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log_path = root / "mlflow-server.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [str(venv_executable("mlflow")), "server", "--host", HOST, "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root", str(root / "artifacts")],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    try:
+        wait_until_answering(f"{url}/health", process, log_path, startup_timeout_s)
+        yield url
+    finally:
+        stop_process(process)
+
+
+@contextmanager
+def background(command: list[str], log_path: Path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    """Run a long-lived command (a receiver, `requant serve`) and stop it by its PID afterwards."""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    try:
+        yield process
+    finally:
+        stop_process(process)
