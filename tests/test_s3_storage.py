@@ -15,12 +15,13 @@ from pathlib import Path
 import boto3
 import pytest
 
+from tests.conftest import banking77_slice, make_project
 from tests.servers import moto_s3_server
 
 BUCKET = "requant-test"
 REMOTE = "storage"
-DATASET = "data/intents.csv"
-DATASET_BYTES = b"text,category\nI lost my card,card_lost\nHow do I top up?,top_up\nWhere is my refund?,refund\n"
+CALIBRATION = "data/prepared/calibration.csv"
+EVALUATION = "data/prepared/evaluation.csv"
 
 
 @pytest.fixture
@@ -64,68 +65,81 @@ def dvc_ok(repo: Path, *args: str) -> subprocess.CompletedProcess:
     return result
 
 
-def pushed_repo(root: Path, endpoint_url: str) -> Path:
-    """A git + DVC repo whose dataset is tracked and pushed to s3://BUCKET/dvc on the test server."""
-    root.mkdir()
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    dvc_ok(root, "init", "-q")
-    (root / DATASET).parent.mkdir()
-    (root / DATASET).write_bytes(DATASET_BYTES)
-    dvc_ok(root, "add", DATASET)
-    dvc_ok(root, "remote", "add", "--default", REMOTE, f"s3://{BUCKET}/dvc")
-    dvc_ok(root, "remote", "modify", REMOTE, "endpointurl", endpoint_url)
+def pushed_project(root: Path, endpoint_url: str) -> Path:
+    """A requant project whose prepare_data stage ran (on a Banking77 slice) and was pushed to S3."""
+    from tasks.data_version import reproduce
+
+    train_csv, test_csv = banking77_slice(root.parent / "slice", intents=4, train_per_intent=30, test_per_intent=10)
+    project = make_project(root, {"data": {"train_csv": str(train_csv), "test_csv": str(test_csv), "train_sha256": None,
+                                           "test_sha256": None, "calibration_size": 40, "min_calibration_rows": 8,
+                                           "min_eval_rows": 8}})
+    reproduce(project, project / "data" / "prepared")
+    dvc_ok(project, "remote", "add", "--default", REMOTE, f"s3://{BUCKET}/dvc")
+    dvc_ok(project, "remote", "modify", REMOTE, "endpointurl", endpoint_url)
     s3_client(endpoint_url).create_bucket(Bucket=BUCKET)
-    dvc_ok(root, "push")
-    return root
+    dvc_ok(project, "push")
+    return project
 
 
-def forget_local_copies(repo: Path) -> None:
-    """Delete the workspace file and DVC's local cache, so the next pull must read the remote."""
-    (repo / DATASET).unlink()
-    shutil.rmtree(repo / ".dvc" / "cache")
+def forget_local_copies(project: Path) -> None:
+    """Delete the prepared sets and DVC's local cache, so the next pull must read the remote."""
+    for name in (CALIBRATION, EVALUATION):
+        (project / name).unlink()
+    shutil.rmtree(project / ".dvc" / "cache")
 
 
-def test_dvc_push_pull_round_trips_through_s3(tmp_path, s3_endpoint):
-    repo = pushed_repo(tmp_path / "repo", s3_endpoint)
-    keys = stored_keys(s3_endpoint, "dvc/")
-    assert keys, "dvc push reported success but the bucket holds nothing under dvc/"
+def calibration_key(project: Path, endpoint_url: str) -> str:
+    """The bucket key DVC stored the calibration set under (named by its md5 in dvc.lock)."""
+    from tasks.data_version import read_lock
 
-    forget_local_copies(repo)
-    dvc_ok(repo, "pull")
+    md5 = read_lock(project, project / "data" / "prepared").calibration_md5
+    return next(k for k in stored_keys(endpoint_url, "dvc/") if k.endswith(f"{md5[:2]}/{md5[2:]}"))
 
-    assert (repo / DATASET).read_bytes() == DATASET_BYTES
+
+def altered(data: bytes) -> bytes:
+    """Same length, one byte changed: only a content hash can tell."""
+    i = data.index(b"\n") + 1
+    return data[:i] + (b"X" if data[i:i + 1] != b"X" else b"Y") + data[i + 1:]
+
+
+def test_dvc_push_pull_round_trips_the_calibration_set_through_s3(tmp_path, s3_endpoint):
+    project = pushed_project(tmp_path / "project", s3_endpoint)
+    original = (project / CALIBRATION).read_bytes()
+    assert len(stored_keys(s3_endpoint, "dvc/")) == 2, "dvc push should store the calibration and evaluation sets"
+
+    forget_local_copies(project)
+    dvc_ok(project, "pull")
+
+    assert (project / CALIBRATION).read_bytes() == original
 
 
 def test_dvc_pull_fails_clearly_when_a_stored_object_was_altered(tmp_path, s3_endpoint):
-    repo = pushed_repo(tmp_path / "repo", s3_endpoint)
-    keys = stored_keys(s3_endpoint, "dvc/")
-    assert len(keys) == 1, f"expected the one pushed file in the bucket, found {keys}"
-    # Same length, one byte changed: only a content hash can tell.
-    altered = DATASET_BYTES.replace(b"refund\n", b"refunx\n")
-    s3_client(s3_endpoint).put_object(Bucket=BUCKET, Key=keys[0], Body=altered)
-    dvc_ok(repo, "remote", "modify", REMOTE, "verify", "true")
-    forget_local_copies(repo)
+    project = pushed_project(tmp_path / "project", s3_endpoint)
+    key = calibration_key(project, s3_endpoint)
+    s3_client(s3_endpoint).put_object(Bucket=BUCKET, Key=key, Body=altered((project / CALIBRATION).read_bytes()))
+    dvc_ok(project, "remote", "modify", REMOTE, "verify", "true")
+    forget_local_copies(project)
 
-    result = dvc(repo, "pull")
+    result = dvc(project, "pull")
 
     output = result.stdout + result.stderr
     assert result.returncode != 0, f"dvc pull accepted an altered object:\n{output}"
     # DVC 3.67.1 drops the object whose md5 mismatches, then fails the checkout of the target.
-    assert "failed to pull data from the cloud" in output and DATASET in output, output
-    assert not (repo / DATASET).exists(), "the altered bytes were written to the workspace"
+    assert "failed to pull data from the cloud" in output and CALIBRATION in output, output
+    assert not (project / CALIBRATION).exists(), "the altered bytes were written to the workspace"
 
 
 def test_dvc_pull_without_verify_accepts_an_altered_object(tmp_path, s3_endpoint):
     """Why `verify true` matters: DVC's default trusts the remote and checks out altered bytes."""
-    repo = pushed_repo(tmp_path / "repo", s3_endpoint)
-    altered = DATASET_BYTES.replace(b"refund\n", b"refunx\n")
-    s3_client(s3_endpoint).put_object(Bucket=BUCKET, Key=stored_keys(s3_endpoint, "dvc/")[0], Body=altered)
-    forget_local_copies(repo)
+    project = pushed_project(tmp_path / "project", s3_endpoint)
+    bad = altered((project / CALIBRATION).read_bytes())
+    s3_client(s3_endpoint).put_object(Bucket=BUCKET, Key=calibration_key(project, s3_endpoint), Body=bad)
+    forget_local_copies(project)
 
-    dvc_ok(repo, "pull")
+    dvc_ok(project, "pull")
 
     # If this starts failing, DVC verifies by default and the explicit setting became redundant.
-    assert (repo / DATASET).read_bytes() == altered
+    assert (project / CALIBRATION).read_bytes() == bad
 
 
 def test_mlflow_artifacts_land_in_the_s3_bucket(tmp_path, s3_endpoint, monkeypatch):
