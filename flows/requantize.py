@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -198,7 +199,7 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
         table = render_table(candidate_rows(measured, decision))
         record = {**decision.as_dict(), "outcome": outcome, "promoted_version": promoted_version,
                   "decision_key": key, "serving_model": settings.registry.serving_model_name,
-                  "hardware_profile": profile.name, "host": host, "search": search_record,
+                  "hardware_profile": profile.name, "host": host, "search": search_record, "flow_pid": os.getpid(),
                   "candidates": {m.built.name: {"recipe": m.built.recipe, "config_hash": m.built.config_hash,
                                                 "built_by": m.built.built_by,
                                                 "config": m.built.config, "error": m.error,

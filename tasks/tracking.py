@@ -71,7 +71,14 @@ class Tracker:
 
         self.settings = settings
         self.uri = tracking_uri(settings)
+        user_choice = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(self.uri)
+        # set_tracking_uri also exports MLFLOW_TRACKING_URI; put back what the user set, so the
+        # variable keeps meaning "the user's override" for the next Tracker in this process.
+        if user_choice is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = user_choice
         self.client = MlflowClient(self.uri)
         self._mlflow = mlflow
 
