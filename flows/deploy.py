@@ -24,7 +24,10 @@ def source_model_name(settings: Settings) -> str:
 
 def deployment_options(settings: Settings, params_path: Path) -> dict:
     """Schedule, trigger, default parameters and concurrency of the requantize deployment."""
-    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.client.schemas.objects import (
+        ConcurrencyLimitConfig,
+        ConcurrencyLimitStrategy,
+    )
     from prefect.events import DeploymentEventTrigger
     from prefect.schedules import Cron
 
@@ -42,7 +45,7 @@ def deployment_options(settings: Settings, params_path: Path) -> dict:
             expect={EVENT},
             match={"prefect.resource.id": resource_id(name)},
             parameters={"params_path": params,
-                        "model_uri": f"models:/{{{{ event.payload.name }}}}/{{{{ event.payload.version }}}}"},
+                        "model_uri": "models:/{{ event.payload.name }}/{{ event.payload.version }}"},
         )],
         "parameters": {"params_path": params},
         # One run at a time; a colliding run waits its turn instead of being dropped.

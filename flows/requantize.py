@@ -18,21 +18,26 @@ import pandas as pd
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import data_version, validation
+from flows import record
+from tasks import data_version, tracking, validation
 from tasks.benchmark import cpu_info
-from tasks.candidates import BuiltCandidate, MeasuredCandidate, build_candidate, measure_candidate
-from tasks.data_prep import LABEL
+from tasks.candidates import (
+    BuiltCandidate,
+    MeasuredCandidate,
+    build_candidate,
+    measure_candidate,
+)
 from tasks.locking import exclusive
+from tasks.mixed_search import MixedSearchResult, search_kept_fp32
+from tasks.recipes.base import config_hash, parse_config
 from tasks.reference import Reference, prepare_reference
 from tasks.report import candidate_rows, render_decision, render_table
-from tasks.pareto import Point, frontier_table, plot_frontier
-from tasks.recipes.base import config_hash, parse_config
-from tasks.search import Budget, SmallestKeptPrefix, Trial, run_search
+from tasks.search import Budget
 from tasks.search_space import expand_all
-from tasks.selection import Decision, Reference as QualityReference, judge, select
-from tasks.sensitivity import GroupSensitivity, plot_ranking, rank_groups
+from tasks.selection import Decision, judge, select
+from tasks.selection import Reference as QualityReference
+from tasks.sensitivity import GroupSensitivity, cached_ranking, first_rows, rank_groups
 from tasks.settings import CandidateSpec, Settings, load_settings
-from tasks import tracking
 from tasks.tracking import Tracker
 
 log = logging.getLogger("requant")
@@ -142,8 +147,9 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
         tracker.log_params(parent_id, {
             "source_uri": source.uri, "data_version": data.version, "calibration_md5": data.calibration_md5,
             "evaluation_md5": data.evaluation_md5, "hardware_profile": profile.name,
-            "usd_per_hour": profile.usd_per_hour, **_flat("bar", settings.quality_bar.model_dump()),
-            **_flat("traffic", settings.cost.traffic.model_dump()), **_flat("evaluate", settings.evaluate.model_dump()),
+            "usd_per_hour": profile.usd_per_hour, **record.flat("bar", settings.quality_bar.model_dump()),
+            **record.flat("traffic", settings.cost.traffic.model_dump()),
+            **record.flat("evaluate", settings.evaluate.model_dump()),
             "candidates": ",".join(c.name for c in settings.quantize.candidates),
         })
         with clock.phase("data"):
@@ -171,10 +177,11 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
         if settings.search.enabled:
             with clock.phase("search"):
                 ranking = rank(reference, settings, source.digest, work_dir)
-                search_record, trials = _search_mixed(ranking, reference, measured, settings, profile, source.digest,
-                                                      work_dir)
-                measured += trials
-                _log_sensitivity(tracker, parent_id, ranking, work_dir)
+                searched = _search_mixed(ranking, reference, measured, settings, profile, source.digest, work_dir)
+                search_record = searched.record
+                known = {id(m) for m in measured}
+                measured += [m for m in searched.measured if id(m) not in known]
+                record.log_sensitivity(tracker, parent_id, ranking, work_dir)
 
         with clock.phase("select"):
             production = tracker.production()
@@ -183,9 +190,9 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
                               settings.quality_bar, production[1] if production else None)
 
         with clock.phase("track"):
-            model_uris = _log_candidates(tracker, parent_id, measured, reference, evaluation, data, key)
+            model_uris = record.log_candidates(tracker, parent_id, measured, reference, evaluation, data, key)
             tracker.log_metrics(parent_id, {f"fp32_reference_{k}": v for k, v in reference.quality.as_dict().items()})
-            _log_pareto(tracker, parent_id, measured, decision, settings, reference, work_dir)
+            record.log_pareto(tracker, parent_id, measured, decision, settings, reference, work_dir)
 
         promoted_version = None
         with clock.phase("select"):
@@ -197,21 +204,20 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
                        "kept-production" if decision.winner else "no-candidate-passed")
 
         table = render_table(candidate_rows(measured, decision))
-        record = {**decision.as_dict(), "outcome": outcome, "promoted_version": promoted_version,
-                  "decision_key": key, "serving_model": settings.registry.serving_model_name,
-                  "hardware_profile": profile.name, "host": host, "search": search_record, "flow_pid": os.getpid(),
-                  "candidates": {m.built.name: {"recipe": m.built.recipe, "config_hash": m.built.config_hash,
-                                                "built_by": m.built.built_by,
-                                                "config": m.built.config, "error": m.error,
-                                                **m.metrics(reference.quality.accuracy)} for m in measured}}
-        tracker.log_dict(parent_id, record, tracking.DECISION_FILE)
+        decided = {**decision.as_dict(), "outcome": outcome, "promoted_version": promoted_version,
+                   "decision_key": key, "serving_model": settings.registry.serving_model_name,
+                   "hardware_profile": profile.name, "host": host, "search": search_record, "flow_pid": os.getpid(),
+                   "candidates": {m.built.name: {"recipe": m.built.recipe, "config_hash": m.built.config_hash,
+                                                 "built_by": m.built.built_by, "config": m.built.config, "error": m.error,
+                                                 **m.metrics(reference.quality.accuracy)} for m in measured}}
+        tracker.log_dict(parent_id, decided, tracking.DECISION_FILE)
         tracker.log_metrics(parent_id, {f"phase_{k}_seconds": v for k, v in clock.seconds.items()})
         tracker.set_tags(parent_id, {tracking.TAG_KEY: key, tracking.TAG_OUTCOME: outcome,
                                      "requant.winner": decision.winner or ""})
         tracker.client.log_text(parent_id, table + "\n\n" + render_decision(decision), "report.txt")
 
     return RunSummary(outcome=outcome, decision_key=key, parent_run_id=parent_id, winner=decision.winner,
-                      promoted_version=promoted_version, table=table, decision=record, phases=clock.seconds)
+                      promoted_version=promoted_version, table=table, decision=decided, phases=clock.seconds)
 
 
 def _build_all(settings: Settings, reference: Reference, source_digest: str, work_dir: Path) -> list[BuiltCandidate]:
@@ -229,110 +235,39 @@ def _build_all(settings: Settings, reference: Reference, source_digest: str, wor
 
 @task(name="sensitivity", cache_policy=NO_CACHE)
 def rank(reference: Reference, settings: Settings, source_digest: str, work_dir: Path) -> list[GroupSensitivity]:
-    """Rank weight groups of the optimized graph; cached per source model and settings (it is slow)."""
-    search = settings.search
-    base = parse_config("int8-dynamic", search.base_config, "search.base_config")
+    """Rank weight groups by sensitivity; cached per source model and settings (it is slow)."""
+    base = parse_config("int8-dynamic", settings.search.base_config, "search.base_config")
     graph = reference.inputs.optimized_model if base.graph == "optimized" else reference.inputs.fp32_model
-    cache_key = hashlib.sha256(json.dumps([source_digest, base.model_dump(mode="json"), search.sensitivity_samples,
-                                           settings.quantize.calibration_batch_size]).encode()).hexdigest()[:16]
-    cache = work_dir / "sensitivity" / f"{cache_key}.json"
-    if cache.is_file():
-        return [GroupSensitivity(**g) for g in json.loads(cache.read_text())]
-    feeds, rows = [], 0
-    for feed in reference.inputs.calibration_feeds:
-        if rows >= search.sensitivity_samples:
-            break
-        feeds.append(feed)
-        rows += len(feed["input_ids"])
-    ranking = rank_groups(graph, feeds, work_dir / "sensitivity" / "scratch", per_channel=base.per_channel,
-                          threads=settings.evaluate.intra_op_threads,
-                          progress=lambda i, n: log.info("sensitivity %d/%d", i, n) if i % 5 == 0 or i == n else None)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps([g.as_dict() for g in ranking]))
-    return ranking
+    feeds = first_rows(reference.inputs.calibration_feeds, settings.search.sensitivity_samples)
+    identity = [source_digest, base.model_dump(mode="json"), settings.search.sensitivity_samples,
+                settings.quantize.calibration_batch_size]
+    return cached_ranking(work_dir / "sensitivity", identity, lambda: rank_groups(
+        graph, feeds, work_dir / "sensitivity" / "scratch", per_channel=base.per_channel,
+        threads=settings.evaluate.intra_op_threads,
+        progress=lambda i, n: log.info("sensitivity %d/%d", i, n) if i % 5 == 0 or i == n else None))
 
 
 def _search_mixed(ranking: list[GroupSensitivity], reference: Reference, measured: list[MeasuredCandidate],
-                  settings: Settings, profile, source_digest: str, work_dir: Path) -> tuple[dict, list[MeasuredCandidate]]:
-    """Find the smallest k for which keeping the k most sensitive groups in FP32 passes the bar.
-
-    Trials whose config was already measured (k = 0 is usually a grid candidate) are reused, not rebuilt.
-    """
-    search = settings.search
+                  settings: Settings, profile, source_digest: str, work_dir: Path) -> MixedSearchResult:
+    """Run the mixed-precision search; a trial whose config was already measured (k = 0 is usually
+    a grid candidate) is reused, not rebuilt."""
     quality = QualityReference(reference.quality.accuracy, reference.quality.hard_slice_accuracy)
     by_hash = {m.built.config_hash: m for m in measured}
-    new: list[MeasuredCandidate] = []
-    names: dict[int, str] = {}
 
-    def evaluate(k: int) -> Trial[int]:
-        config = {**search.base_config, "nodes_to_exclude": sorted(g.node for g in ranking[:k])}
-        spec = CandidateSpec(name=f"search-keep-fp32-k{k}", recipe="int8-dynamic", config=config)
-        digest = config_hash(spec.recipe, parse_config(spec.recipe, config, spec.name), source_digest)
-        trial = by_hash.get(digest)
-        if trial is None:
-            log.info("search trial k=%d (%s kept in FP32)", k, ", ".join(g.group for g in ranking[:k]) or "nothing")
-            trial = measure(build(spec, reference, source_digest, work_dir), reference, settings.evaluate, profile,
-                            settings.cost.traffic, settings.quality_bar)
-            by_hash[digest] = trial
-            new.append(trial)
-        names[k] = trial.built.name
-        candidate = trial.for_selection()
-        verdict = judge(candidate, quality, settings.quality_bar)
-        return Trial(k, verdict.passed_bar, candidate.monthly_cost_usd if verdict.passed_bar else float("inf"),
-                     candidate.accuracy)
+    def measure_spec(spec: CandidateSpec) -> MeasuredCandidate:
+        digest = config_hash(spec.recipe, parse_config(spec.recipe, spec.config, spec.name), source_digest)
+        if digest not in by_hash:
+            log.info("search trial %s", spec.name)
+            by_hash[digest] = measure(build(spec, reference, source_digest, work_dir), reference, settings.evaluate,
+                                      profile, settings.cost.traffic, settings.quality_bar)
+        return by_hash[digest]
 
-    result = run_search(SmallestKeptPrefix(len(ranking)), evaluate,
-                        Budget(max_trials=search.max_trials, max_seconds=search.max_minutes * 60))
-    record = {
-        "strategy": "smallest k most-sensitive groups kept in FP32 (k=0 first, then binary search)",
-        "stop_reason": result.stop_reason,
-        "best_k": result.best.proposal if result.best else None,
-        "best_candidate": names[result.best.proposal] if result.best else None,
-        "kept_fp32": [g.group for g in ranking[: result.best.proposal]] if result.best else None,
-        "trials": [{"k": t.proposal, "candidate": names[t.proposal], "passed": t.passed, "accuracy": t.accuracy}
-                   for t in result.trials],
-    }
-    log.info("search: %s; best k=%s", result.stop_reason, record["best_k"])
-    return record, new
-
-
-def _log_sensitivity(tracker: Tracker, parent_id: str, ranking: list[GroupSensitivity], work_dir: Path) -> None:
-    tracker.log_dict(parent_id, {"ranking": [g.as_dict() for g in ranking]}, "sensitivity.json")
-    plot = plot_ranking(ranking, work_dir / "sensitivity.png")
-    tracker.client.log_artifact(parent_id, str(plot))
-
-
-def _log_pareto(tracker: Tracker, parent_id: str, measured: list[MeasuredCandidate], decision: Decision,
-                settings: Settings, reference: Reference, work_dir: Path) -> None:
-    points = [Point(m.built.name, m.cost.monthly_cost_usd, m.quality.accuracy, decision.verdicts[m.built.name].passed_bar)
-              for m in measured if m.cost and m.quality]
-    if not points:
-        return
-    tracker.log_dict(parent_id, {"points": frontier_table(points, decision.winner)}, "pareto.json")
-    floor = reference.quality.accuracy * (1 - settings.quality_bar.max_relative_accuracy_loss)
-    tracker.client.log_artifact(parent_id, str(plot_frontier(points, decision.winner, floor, work_dir / "pareto.png")))
-
-
-def _log_candidates(tracker: Tracker, parent_id: str, measured: list[MeasuredCandidate], reference: Reference,
-                    evaluation: pd.DataFrame, data: data_version.DataVersion, key: str) -> dict[str, str]:
-    """One nested run per candidate: params, the same metric names, the model, the evaluation input."""
-    uris = {}
-    for m in measured:
-        b = m.built
-        run_id = tracker.candidate_run(parent_id, b.name, {
-            tracking.TAG_RECIPE: b.recipe, tracking.TAG_CANDIDATE: b.name, tracking.TAG_CONFIG_HASH: b.config_hash,
-            tracking.TAG_DATA_VERSION: data.version, "requant.precision": b.precision, "requant.parent_key": key,
-            **({tracking.TAG_FAILURE: m.error} if m.error else {}),
-        })
-        tracker.log_params(run_id, {"recipe": b.recipe, "precision": b.precision, "config_hash": b.config_hash,
-                                    **_flat("config", b.config)})
-        tracker.log_metrics(run_id, m.metrics(reference.quality.accuracy))
-        tracker.log_evaluation_input(run_id, evaluation[[LABEL]].assign(text=evaluation["text"]),
-                                     source=str(data.evaluation_path), name="evaluation", digest=data.evaluation_md5)
-        if b.model_path and not m.error:
-            uris[b.name] = tracker.log_onnx_model(run_id, b.model_path, len(reference.card.labels))
-        tracker.finish(run_id, failed=bool(m.error))
-    return uris
+    result = search_kept_fp32(
+        ranking, settings.search.base_config, measure_spec,
+        passes=lambda m: judge(m.for_selection(), quality, settings.quality_bar).passed_bar,
+        budget=Budget(max_trials=settings.search.max_trials, max_seconds=settings.search.max_minutes * 60))
+    log.info("search: %s; best k=%s", result.record["stop_reason"], result.record["best_k"])
+    return result
 
 
 def _version_tags(winner: MeasuredCandidate, key: str, source, data, decision: Decision) -> dict[str, str]:
@@ -343,10 +278,6 @@ def _version_tags(winner: MeasuredCandidate, key: str, source, data, decision: D
         tracking.TAG_DATA_VERSION: data.version, tracking.TAG_ACCURACY: f"{winner.quality.accuracy:.6f}",
         tracking.TAG_MONTHLY_COST: f"{winner.cost.monthly_cost_usd:.2f}",
     }
-
-
-def _flat(prefix: str, values: dict) -> dict[str, object]:
-    return {f"{prefix}.{k}": v for k, v in values.items()}
 
 
 if __name__ == "__main__":

@@ -15,11 +15,17 @@ from tasks.cost import CostEstimate, monthly_cost
 from tasks.errors import RequantError
 from tasks.evaluation import QualityMetrics, onnx_session, predict_onnx, quality_metrics
 from tasks.onnx_graph import prove_candidate
+from tasks.quality_gate import LossInterval, paired_relative_loss
 from tasks.recipes.base import config_hash, parse_config, recipe_class
 from tasks.reference import Reference
 from tasks.selection import Candidate
-from tasks.quality_gate import LossInterval, paired_relative_loss
-from tasks.settings import CandidateSpec, EvaluateSettings, HardwareProfile, QualityBar, TrafficSettings
+from tasks.settings import (
+    CandidateSpec,
+    EvaluateSettings,
+    HardwareProfile,
+    QualityBar,
+    TrafficSettings,
+)
 
 PROOF_FILE = "proof.json"
 

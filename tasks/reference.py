@@ -9,9 +9,22 @@ import numpy as np
 import pandas as pd
 
 from tasks.data_prep import LABEL, TEXT
-from tasks.evaluation import (Batches, QualityMetrics, hard_slice, label_indices, predict_torch, quality_metrics,
-                              tokenized_batches)
-from tasks.model_io import ENCODER_DIR, ModelCard, export_onnx, load_classifier, tokenize
+from tasks.evaluation import (
+    Batches,
+    QualityMetrics,
+    hard_slice,
+    label_indices,
+    predict_torch,
+    quality_metrics,
+    tokenized_batches,
+)
+from tasks.model_io import (
+    ENCODER_DIR,
+    ModelCard,
+    export_onnx,
+    load_classifier,
+    tokenize,
+)
 from tasks.onnx_graph import encoder_shape, optimize_graph
 from tasks.recipes.base import QuantizeInputs
 from tasks.settings import EvaluateSettings, ModelSettings

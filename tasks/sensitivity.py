@@ -98,6 +98,31 @@ def rank_groups(model_path: Path, feeds: list[dict[str, np.ndarray]], work_dir: 
     return sorted(ranked, key=lambda g: (g.kl_divergence, g.top1_flip_rate), reverse=True)
 
 
+def cached_ranking(cache_dir: Path, identity: list, compute: Callable[[], list[GroupSensitivity]]) -> list[GroupSensitivity]:
+    """Reuse a ranking computed for the same identity (source model, config, samples); it is slow."""
+    import hashlib
+    import json
+
+    cache = cache_dir / f"{hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]}.json"
+    if cache.is_file():
+        return [GroupSensitivity(**g) for g in json.loads(cache.read_text())]
+    ranking = compute()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps([g.as_dict() for g in ranking]))
+    return ranking
+
+
+def first_rows(feeds: list[dict[str, np.ndarray]], rows: int) -> list[dict[str, np.ndarray]]:
+    """Whole batches from the front of `feeds` until at least `rows` rows are taken."""
+    taken, count = [], 0
+    for feed in feeds:
+        if count >= rows:
+            break
+        taken.append(feed)
+        count += len(feed["input_ids"])
+    return taken
+
+
 def plot_ranking(ranking: list[GroupSensitivity], path: Path) -> Path:
     """Horizontal bar chart of KL divergence per group, most sensitive on top."""
     import matplotlib

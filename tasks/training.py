@@ -10,7 +10,14 @@ import numpy as np
 import pandas as pd
 
 from tasks.data_prep import LABEL, TEXT
-from tasks.model_io import ModelCard, build_classifier, length_sorted_batches, load_tokenizer, save_model_folder, tokenize
+from tasks.model_io import (
+    ModelCard,
+    build_classifier,
+    length_sorted_batches,
+    load_tokenizer,
+    save_model_folder,
+    tokenize,
+)
 from tasks.settings import TrainSettings
 
 

@@ -42,11 +42,10 @@ def minilm_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_folder(tmp_path_factory, minilm_dir) -> Path:
     """A requant model folder around a tiny random BERT (2 layers, hidden 32) with MiniLM's tokenizer."""
+    import torch
     from transformers import BertConfig, BertModel
 
     from tasks.model_io import ModelCard, load_tokenizer, save_model_folder
-
-    import torch
 
     torch.manual_seed(0)  # the same tiny model in every session
     encoder_dir = tmp_path_factory.mktemp("tiny-encoder")

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import httpx
-
 import pandas as pd
 import pytest
 

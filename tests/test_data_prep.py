@@ -1,7 +1,15 @@
 import pandas as pd
 import pytest
 
-from tasks.data_prep import LABEL, TEXT, build_sets, load_split, prepare, sha256_of, stratified_sample
+from tasks.data_prep import (
+    LABEL,
+    TEXT,
+    build_sets,
+    load_split,
+    prepare,
+    sha256_of,
+    stratified_sample,
+)
 from tasks.errors import DataError
 from tasks.settings import DataSettings
 

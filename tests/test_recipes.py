@@ -7,7 +7,11 @@ import pytest
 
 from tasks.candidates import build_candidate
 from tasks.errors import RecipeError
-from tasks.onnx_graph import check_external_data, lowered_precision_count, prove_candidate
+from tasks.onnx_graph import (
+    check_external_data,
+    lowered_precision_count,
+    prove_candidate,
+)
 from tasks.recipes.base import describe_recipes, parse_config
 from tasks.reference import prepare_reference
 from tasks.settings import CandidateSpec, EvaluateSettings, ModelSettings

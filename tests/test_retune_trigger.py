@@ -4,7 +4,6 @@ Real servers on 127.0.0.1, started and stopped here: Prefect server, MLflow serv
 webhook), requant's webhook receiver, and `requant serve` with the deployment's event trigger.
 """
 
-import json
 import os
 import sys
 import time
@@ -17,7 +16,13 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import banking77_slice, make_project
-from tests.servers import background, free_port, mlflow_tracking_server, prefect_api_server, wait_until_answering
+from tests.servers import (
+    background,
+    free_port,
+    mlflow_tracking_server,
+    prefect_api_server,
+    wait_until_answering,
+)
 
 pytestmark = pytest.mark.e2e
 # From registering a version to a completed run and a moved alias. Measured here: about 60-90 s

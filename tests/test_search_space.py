@@ -26,8 +26,8 @@ def test_expand_searches_a_list_field_given_a_list_of_lists():
 def test_grid_points_are_validated_when_settings_load(tmp_path):
     import yaml
 
-    from tests.test_settings import REPO
     from tasks.settings import load_settings
+    from tests.test_settings import REPO
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["quantize"]["candidates"] = [{"name": "b", "recipe": "int4-weight-only", "config": {"block_size": [32, 48]}}]

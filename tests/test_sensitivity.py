@@ -1,9 +1,14 @@
 """Sensitivity ranking on a tiny BERT where one layer is made deliberately fragile."""
 
-import numpy as np
 import pandas as pd
 
-from tasks.model_io import ENCODER_DIR, HEAD_FILE, ModelCard, read_model_card, save_model_folder
+from tasks.model_io import (
+    ENCODER_DIR,
+    HEAD_FILE,
+    ModelCard,
+    read_model_card,
+    save_model_folder,
+)
 from tasks.reference import prepare_reference
 from tasks.sensitivity import display_name, plot_ranking, rank_groups
 from tasks.settings import EvaluateSettings, ModelSettings

@@ -42,7 +42,10 @@ class Int4WeightOnly(Recipe):
 
     def run(self, inputs: QuantizeInputs, config: Int4Config, out_dir: Path) -> Path:
         import onnx
-        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+        from onnxruntime.quantization.matmul_nbits_quantizer import (
+            DefaultWeightOnlyQuantConfig,
+            MatMulNBitsQuantizer,
+        )
 
         op_types = ("MatMul", "Gather") if config.quantize_embeddings else ("MatMul",)
         axes = (("MatMul", 0), ("Gather", 1)) if config.quantize_embeddings else (("MatMul", 0),)

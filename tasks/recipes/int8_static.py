@@ -42,7 +42,13 @@ class Int8Static(Recipe):
 
     def run(self, inputs: QuantizeInputs, config: Int8StaticConfig, out_dir: Path) -> Path:
         import onnx
-        from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
 
         if not inputs.calibration_feeds:
             raise RecipeError("int8-static needs calibration data: the calibration set is empty")

@@ -1,0 +1,54 @@
+"""Mixed precision by search: the fewest most-sensitive groups kept in FP32 that still pass the bar."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from tasks.candidates import MeasuredCandidate
+from tasks.search import Budget, SmallestKeptPrefix, Trial, run_search
+from tasks.sensitivity import GroupSensitivity
+from tasks.settings import CandidateSpec
+
+STRATEGY = "smallest k most-sensitive groups kept in FP32 (k=0 first, then binary search)"
+
+
+@dataclass
+class MixedSearchResult:
+    """The record for decision.json, and every candidate the search measured, in order."""
+
+    record: dict
+    measured: list[MeasuredCandidate] = field(default_factory=list)
+
+
+def trial_spec(ranking: list[GroupSensitivity], k: int, base_config: dict) -> CandidateSpec:
+    """The int8-dynamic candidate that keeps the k most sensitive groups in FP32."""
+    config = {**base_config, "nodes_to_exclude": sorted(g.node for g in ranking[:k])}
+    return CandidateSpec(name=f"search-keep-fp32-k{k}", recipe="int8-dynamic", config=config)
+
+
+def search_kept_fp32(ranking: list[GroupSensitivity], base_config: dict,
+                     measure_spec: Callable[[CandidateSpec], MeasuredCandidate],
+                     passes: Callable[[MeasuredCandidate], bool], budget: Budget) -> MixedSearchResult:
+    """Run the bounded search over k; `measure_spec` builds and measures one candidate (or reuses one)."""
+    trials: dict[int, MeasuredCandidate] = {}
+
+    def evaluate(k: int) -> Trial[int]:
+        measured = measure_spec(trial_spec(ranking, k, base_config))
+        trials[k] = measured
+        passed = passes(measured)
+        selected = measured.for_selection()
+        return Trial(k, passed, selected.monthly_cost_usd if passed else float("inf"), selected.accuracy)
+
+    result = run_search(SmallestKeptPrefix(len(ranking)), evaluate, budget)
+    best = result.best.proposal if result.best else None
+    record = {
+        "strategy": STRATEGY,
+        "stop_reason": result.stop_reason,
+        "best_k": best,
+        "best_candidate": trials[best].built.name if best is not None else None,
+        "kept_fp32": [g.group for g in ranking[:best]] if best is not None else None,
+        "trials": [{"k": t.proposal, "candidate": trials[t.proposal].built.name, "passed": t.passed,
+                    "accuracy": t.accuracy} for t in result.trials],
+    }
+    return MixedSearchResult(record, [trials[t.proposal] for t in result.trials])

@@ -1,0 +1,37 @@
+"""The mixed-precision search wired to candidates, with scripted measurements (no model)."""
+
+from tasks.benchmark import SpeedMetrics
+from tasks.candidates import BuiltCandidate, MeasuredCandidate
+from tasks.cost import CostEstimate
+from tasks.evaluation import QualityMetrics
+from tasks.mixed_search import search_kept_fp32, trial_spec
+from tasks.search import Budget
+from tasks.sensitivity import GroupSensitivity
+
+RANKING = [GroupSensitivity(f"layer.{i} ffn-up", f"node{i}", "MatMul", 1.0 / (i + 1), 0.0) for i in range(6)]
+
+
+def scripted(spec) -> MeasuredCandidate:
+    """Accuracy grows and cost grows with every group kept in FP32."""
+    k = len(spec.config["nodes_to_exclude"])
+    speed = SpeedMetrics(1, 2, 1, 1, 600 - 40 * k, 590 - 40 * k, 610 - 40 * k, 100, 23 + 4 * k)
+    return MeasuredCandidate(
+        BuiltCandidate(spec.name, spec.recipe, "int8", spec.config, f"h{k}"),
+        quality=QualityMetrics(0.90 + 0.005 * k, 0.9, 0.9, 0.7, 100, 10), speed=speed,
+        cost=CostEstimate("p", 3 + k, 100.0 + 10 * k, 0.1))
+
+
+def test_trial_spec_keeps_the_k_most_sensitive_nodes_in_fp32():
+    spec = trial_spec(RANKING, 2, {"per_channel": True})
+    assert spec.recipe == "int8-dynamic" and spec.config["nodes_to_exclude"] == ["node0", "node1"]
+    assert spec.config["per_channel"] is True
+
+
+def test_search_kept_fp32_returns_the_smallest_passing_k_and_records_trials():
+    result = search_kept_fp32(RANKING, {"per_channel": True}, scripted,
+                              passes=lambda m: m.quality.accuracy >= 0.915, budget=Budget(10, 1e9))
+    assert result.record["best_k"] == 3
+    assert result.record["kept_fp32"] == ["layer.0 ffn-up", "layer.1 ffn-up", "layer.2 ffn-up"]
+    assert result.record["stop_reason"] == "no cheaper candidate can still pass"
+    assert [t["k"] for t in result.record["trials"]][0] == 0
+    assert len(result.measured) == len(result.record["trials"])
