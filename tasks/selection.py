@@ -151,6 +151,12 @@ def select(candidates: list[Candidate], reference: Reference, bar: QualityBar,
             verdicts[c.name].reason = (
                 f"passes the bar; cost within measured noise of {winner.name}, which is more accurate or smaller"
             )
+        elif c.monthly_cost_usd == winner.monthly_cost_usd:
+            verdicts[c.name].reason = (
+                f"passes the bar at the same ${c.monthly_cost_usd:,.2f}/month, but its throughput "
+                f"({c.throughput_low_per_s:.0f}-{c.throughput_high_per_s:.0f}/s) is below {winner.name}'s "
+                f"({winner.throughput_low_per_s:.0f}-{winner.throughput_high_per_s:.0f}/s) beyond the noise"
+            )
         else:
             verdicts[c.name].reason = (
                 f"passes the bar but costs ${c.monthly_cost_usd:,.2f}/month vs ${winner.monthly_cost_usd:,.2f} for {winner.name}"

@@ -92,3 +92,31 @@ def make_project(root: Path, params_update: dict) -> Path:
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
     return root
+
+
+def tiny_project(tmp_path: Path, tiny_model_folder: Path, **sections: dict) -> Path:
+    """A project for quick runs of the tiny model: real Banking77 text relabelled with its classes,
+    short benchmarks, two candidates, no search, and a loose bar (a random model has no quality to
+    keep, but a winner must exist to promote). `sections` update params.yaml sections."""
+    from tasks.model_io import read_model_card
+
+    labels = read_model_card(tiny_model_folder).labels
+    train_csv, test_csv = banking77_slice(tmp_path / "data", intents=len(labels), train_per_intent=30, test_per_intent=25)
+    for path in (train_csv, test_csv):
+        frame = pd.read_csv(path)
+        frame["category"] = frame["category"].map(dict(zip(sorted(frame["category"].unique()), labels)))
+        frame.to_csv(path, index=False)
+    params = {
+        "data": {"train_csv": str(train_csv), "test_csv": str(test_csv), "train_sha256": None, "test_sha256": None,
+                 "calibration_size": 32, "min_calibration_rows": 8, "min_eval_rows": 50},
+        "evaluate": {"latency_runs": 20, "latency_repeats": 2, "warmup_runs": 2, "throughput_batches": 1,
+                     "throughput_repeats": 2, "throughput_batch_size": 8},
+        "search": {"enabled": False},
+        "quality_bar": {"max_relative_accuracy_loss": 0.9, "max_hard_slice_relative_loss": 0.9, "gate": "point"},
+        "registry": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "artifact_location": str(tmp_path / "art")},
+        "quantize": {"candidates": [{"name": "fp32", "recipe": "fp32"},
+                                    {"name": "int8", "recipe": "int8-dynamic", "config": {"per_channel": True}}]},
+    }
+    for name, values in sections.items():
+        params[name] = {**params.get(name, {}), **values}
+    return make_project(tmp_path / "project", params)

@@ -6,37 +6,17 @@ import subprocess
 import sys
 
 import httpx
-import pandas as pd
 import pytest
 
-from tests.conftest import banking77_slice, make_project
+from tests.conftest import tiny_project
 from tests.servers import prefect_api_server
 
 pytestmark = pytest.mark.e2e
 
 
-def test_requantize_fans_out_on_dask_workers(tmp_path, monkeypatch, tiny_model_folder):
-    from tasks.model_io import read_model_card
-
-    train_csv, test_csv = banking77_slice(tmp_path / "data", intents=4, train_per_intent=30, test_per_intent=25)
-    # Real Banking77 text, relabelled with the tiny model's 4 class names.
-    labels = read_model_card(tiny_model_folder).labels
-    for path in (train_csv, test_csv):
-        frame = pd.read_csv(path)
-        frame["category"] = frame["category"].map(dict(zip(sorted(frame["category"].unique()), labels)))
-        frame.to_csv(path, index=False)
-    project = make_project(tmp_path / "project", {
-        "data": {"train_csv": str(train_csv), "test_csv": str(test_csv), "train_sha256": None, "test_sha256": None,
-                 "calibration_size": 32, "min_calibration_rows": 8, "min_eval_rows": 50},
-        "evaluate": {"latency_runs": 20, "latency_repeats": 2, "warmup_runs": 2, "throughput_batches": 1,
-                     "throughput_repeats": 2, "throughput_batch_size": 8},
-        "search": {"enabled": False},
-        "operations": {"task_runner": "dask", "dask_workers": 2},
-        "registry": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "artifact_location": str(tmp_path / "art")},
-        "quantize": {"max_parallel": 2, "candidates": [
-            {"name": "fp32", "recipe": "fp32"},
-            {"name": "int8-dynamic", "recipe": "int8-dynamic", "config": {"per_channel": True}}]},
-    })
+def test_requantize_fans_out_on_dask_workers(tmp_path, tiny_model_folder):
+    project = tiny_project(tmp_path, tiny_model_folder, operations={"task_runner": "dask", "dask_workers": 2},
+                           quantize={"max_parallel": 2})
     # The flow runs in its own process, as `requant run` would: this test process keeps no Prefect
     # client state pointing at a server that is stopped when the test ends.
     with prefect_api_server(tmp_path / "prefect-home") as api:

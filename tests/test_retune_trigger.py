@@ -11,11 +11,10 @@ import urllib.error
 import urllib.request
 
 import httpx
-import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import banking77_slice, make_project
+from tests.conftest import tiny_project
 from tests.servers import (
     background,
     free_port,
@@ -31,40 +30,19 @@ BOUND_SECONDS = 300
 SECRET = "test-secret-not-for-production"
 
 
-def relabelled_slice(tmp_path, labels):
-    train_csv, test_csv = banking77_slice(tmp_path / "data", intents=len(labels), train_per_intent=30, test_per_intent=25)
-    for path in (train_csv, test_csv):
-        frame = pd.read_csv(path)
-        frame["category"] = frame["category"].map(dict(zip(sorted(frame["category"].unique()), labels)))
-        frame.to_csv(path, index=False)
-    return train_csv, test_csv
-
-
 def completed_runs(api: str, model_uri: str) -> list[dict]:
     runs = httpx.post(f"{api}/flow_runs/filter", json={"limit": 50}, timeout=10).json()
     return [r for r in runs if r["parameters"].get("model_uri") == model_uri and r["state_type"] == "COMPLETED"]
 
 
 def test_new_model_version_triggers_requantize_and_moves_the_alias(tmp_path, tiny_model_folder):
-    from tasks.model_io import read_model_card
     from tasks.settings import RegistrySettings
     from tasks.tracking import Tracker
 
-    train_csv, test_csv = relabelled_slice(tmp_path, read_model_card(tiny_model_folder).labels)
     with prefect_api_server(tmp_path / "prefect") as api, mlflow_tracking_server(tmp_path / "mlflow") as mlflow_url:
-        project = make_project(tmp_path / "project", {
-            "data": {"train_csv": str(train_csv), "test_csv": str(test_csv), "train_sha256": None, "test_sha256": None,
-                     "calibration_size": 32, "min_calibration_rows": 8, "min_eval_rows": 50},
-            "model": {"source_uri": "models:/tiny-src@champion"},
-            "train": {"registered_model_name": "tiny-src"},
-            "evaluate": {"latency_runs": 20, "latency_repeats": 2, "warmup_runs": 2, "throughput_batches": 1,
-                         "throughput_repeats": 2, "throughput_batch_size": 8},
-            "search": {"enabled": False},
-            "quality_bar": {"max_relative_accuracy_loss": 0.9, "max_hard_slice_relative_loss": 0.9, "gate": "point"},
-            "registry": {"tracking_uri": mlflow_url, "artifact_location": None},
-            "quantize": {"candidates": [{"name": "fp32", "recipe": "fp32"},
-                                        {"name": "int8", "recipe": "int8-dynamic", "config": {"per_channel": True}}]},
-        })
+        project = tiny_project(tmp_path, tiny_model_folder, model={"source_uri": "models:/tiny-src@champion"},
+                               train={"registered_model_name": "tiny-src"},
+                               registry={"tracking_uri": mlflow_url, "artifact_location": None})
         env = {**os.environ, "PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": mlflow_url, "REQUANT_WEBHOOK_SECRET": SECRET,
                "PREFECT_HOME": str(tmp_path / "prefect")}
         receiver_port = free_port()

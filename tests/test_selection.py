@@ -78,3 +78,11 @@ def test_select_keeps_production_that_is_as_accurate_and_cheaper():
 def test_select_replaces_production_when_winner_is_cheaper():
     production = ProductionModel(version="3", accuracy=0.929, monthly_cost_usd=390.0)
     assert select([cand("int8", accuracy=0.925, cost=195)], REF, BAR, production).promote
+
+
+def test_select_equal_cost_goes_to_the_faster_beyond_noise_and_says_so():
+    slower = cand("slower", accuracy=0.929, cost=195, thr=(655, 661, 701))
+    faster = cand("faster", accuracy=0.928, cost=195, thr=(718, 734, 748))
+    decision = select([slower, faster], REF, BAR)
+    assert decision.winner == "faster"
+    assert "same $195.00/month" in decision.verdicts["slower"].reason
