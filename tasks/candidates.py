@@ -151,7 +151,9 @@ def measure_candidate(built: BuiltCandidate, reference: Reference, evaluate: Eva
                 reference.predictions == reference.y_true, logits.argmax(axis=1) == reference.y_true,
                 bar.confidence, bar.bootstrap_samples)
         measured.speed = measure_speed(session, built.model_path, reference.latency_feeds, reference.throughput_feeds, evaluate)
-        measured.cost = monthly_cost(measured.speed.throughput_per_s, profile, traffic)
+        # Capacity is planned on the slowest measured repeat: a fleet sized on the median would fall
+        # short whenever the host runs at the low end of its measured spread.
+        measured.cost = monthly_cost(measured.speed.throughput_low_per_s, profile, traffic)
     except (RequantError, RuntimeError, ValueError, OSError) as exc:
         measured.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
     return measured

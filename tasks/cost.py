@@ -28,6 +28,9 @@ class CostEstimate:
 def monthly_cost(throughput_per_s: float, profile: HardwareProfile, traffic: TrafficSettings) -> CostEstimate:
     """Instances needed to absorb the peak (and the monthly mean), priced for a 730-hour month.
 
+    Callers pass the low end of the measured throughput interval, so capacity holds at the
+    slowest measured repeat.
+
     Example: 1,500 requests/s at peak on a host that serves 216/s needs ceil(1500/216) = 7
     instances; at $0.0765/hour that is 7 * 0.0765 * 730 = $390.92 a month.
     """

@@ -47,9 +47,12 @@ def test_flow_logs_every_candidate_as_a_nested_run_with_the_same_metrics(project
     assert parent.info.status == "FINISHED"
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    from tasks.search_space import expand_all
+    from tasks.settings import load_settings
+
     names = {r.info.run_name for r in children}
-    grid = {"fp32", "fp16", "int8-dynamic", "int8-dynamic-per-channel", "int8-static", "int4-weight-only",
-            "mixed-int8-fp32-ffn"}
+    grid = {c.name for c in expand_all(load_settings(project[0] / "params.yaml").quantize.candidates)}
+    assert len(grid) == 9 and "int8-dynamic[per_channel=true,graph=plain]" in grid  # the declared grid, expanded
     assert grid <= names and all(n.startswith("search-keep-fp32-k") for n in names - grid)
     measured = [r for r in children if r.info.status == "FINISHED"]
     assert len({frozenset(r.data.metrics) for r in measured}) == 1  # same names side by side in the UI
