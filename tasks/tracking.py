@@ -79,8 +79,17 @@ class Tracker:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = user_choice
-        self.client = MlflowClient(self.uri)
         self._mlflow = mlflow
+        if self.uri.startswith("sqlite:///"):
+            # Two processes opening a new sqlite store at once race on its schema migration
+            # (alembic: "expected to match one row"); the first one creates it, the second waits.
+            # The client migrates the tracking store when built, the registry store on first use.
+            database = Path(self.uri[len("sqlite:///"):])
+            with exclusive(database.parent, f"{database.name}.init"):
+                self.client = MlflowClient(self.uri)
+                self.client.search_registered_models(max_results=1)
+        else:
+            self.client = MlflowClient(self.uri)
 
     # ----------------------------------------------------------------- experiment and runs
     def experiment_id(self) -> str:
