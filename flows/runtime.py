@@ -40,5 +40,8 @@ def configure(verbose: bool = False) -> None:
 
 def _drop_known_advice(record: logging.LogRecord) -> bool:
     # onnxruntime's quantizer repeats this advice for every call; requant's recipes decide
-    # pre-processing themselves (see tasks/recipes/int8_static.py).
+    # pre-processing themselves (see tasks/recipes/int8_static.py). GX warns about each ephemeral
+    # docs folder it creates (it resets its own logger levels on import, so filter here).
+    if record.name.startswith("great_expectations") and record.levelno < logging.ERROR:
+        return False
     return not record.getMessage().startswith("Please consider")
