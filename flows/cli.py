@@ -108,12 +108,7 @@ def _run(args) -> int:
         print(f"already decided for this model, data and params (run {summary.parent_run_id}); nothing changed. "
               "Use --force to decide again.")
         return 0
-    print(summary.table)
-    print()
-    print(f"decision: {summary.decision['summary']}")
-    for name, verdict in summary.decision["verdicts"].items():
-        if name != summary.winner:
-            print(f"  {name}: {verdict['reason']}")
+    print(summary.report)
     if summary.promoted_version:
         print(f"promoted: models:/{summary.decision['serving_model']}/{summary.promoted_version} is now @production")
     print("phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in summary.phases.items()))

@@ -34,8 +34,8 @@ from tasks.reference import Reference, prepare_reference
 from tasks.report import candidate_rows, render_decision, render_table
 from tasks.search import Budget
 from tasks.search_space import expand_all
-from tasks.selection import Decision, judge, select
 from tasks.selection import Reference as QualityReference
+from tasks.selection import judge, select
 from tasks.sensitivity import GroupSensitivity, cached_ranking, first_rows, rank_groups
 from tasks.settings import CandidateSpec, Settings, load_settings
 from tasks.tracking import Tracker
@@ -53,6 +53,7 @@ class RunSummary:
     winner: str | None = None
     promoted_version: str | None = None
     table: str = ""
+    report: str = ""  # the table, then the decision and why each other candidate lost
     decision: dict = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)
 
@@ -199,7 +200,7 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
             if decision.promote:
                 winner = next(m for m in measured if m.built.name == decision.winner)
                 promoted_version = tracker.promote(model_uris[winner.built.name], _version_tags(
-                    winner, key, source, data, decision), project / ".requant")
+                    winner, key, source, data), project / ".requant")
             outcome = ("promoted" if decision.promote else
                        "kept-production" if decision.winner else "no-candidate-passed")
 
@@ -214,10 +215,12 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
         tracker.log_metrics(parent_id, {f"phase_{k}_seconds": v for k, v in clock.seconds.items()})
         tracker.set_tags(parent_id, {tracking.TAG_KEY: key, tracking.TAG_OUTCOME: outcome,
                                      "requant.winner": decision.winner or ""})
-        tracker.client.log_text(parent_id, table + "\n\n" + render_decision(decision), "report.txt")
+        report = table + "\n\n" + render_decision(decision)
+        tracker.client.log_text(parent_id, report, "report.txt")
 
     return RunSummary(outcome=outcome, decision_key=key, parent_run_id=parent_id, winner=decision.winner,
-                      promoted_version=promoted_version, table=table, decision=decided, phases=clock.seconds)
+                      promoted_version=promoted_version, table=table, report=report, decision=decided,
+                      phases=clock.seconds)
 
 
 def _build_all(settings: Settings, reference: Reference, source_digest: str, work_dir: Path) -> list[BuiltCandidate]:
@@ -270,7 +273,7 @@ def _search_mixed(ranking: list[GroupSensitivity], reference: Reference, measure
     return result
 
 
-def _version_tags(winner: MeasuredCandidate, key: str, source, data, decision: Decision) -> dict[str, str]:
+def _version_tags(winner: MeasuredCandidate, key: str, source, data) -> dict[str, str]:
     return {
         tracking.TAG_KEY: key, tracking.TAG_SOURCE_URI: source.uri, tracking.TAG_SOURCE_VERSION: str(source.version or ""),
         tracking.TAG_SOURCE_DIGEST: source.digest, tracking.TAG_RECIPE: winner.built.recipe,
@@ -281,4 +284,4 @@ def _version_tags(winner: MeasuredCandidate, key: str, source, data, decision: D
 
 
 if __name__ == "__main__":
-    print(requantize().table)
+    print(requantize().report)

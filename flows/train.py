@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks.data_prep import LABEL, TEXT, load_split
 from tasks.evaluation import label_indices, predict_torch, tokenized_batches
 from tasks.model_io import load_classifier, resolve_encoder_dir
-from tasks.settings import load_settings
+from tasks.settings import DataSettings, ModelSettings, TrainSettings, load_settings
 from tasks.tracking import Tracker
 from tasks.training import train_baseline
 
@@ -36,20 +36,14 @@ def _progress(done: int, total: int) -> None:
 
 
 @task(name="fit-head", cache_policy=NO_CACHE)
-def fit(params_path: str, out_dir: str, seed: int | None):
-    settings = load_settings(params_path)
-    train_settings = settings.train if seed is None else settings.train.model_copy(update={"seed": seed})
-    data = settings.data
+def fit(data: DataSettings, model: ModelSettings, train_settings: TrainSettings, out_dir: str):
     train = load_split(data.train_csv, data.text_column, data.label_column, data.train_sha256)
-    encoder_dir = resolve_encoder_dir(settings.model.base_encoder)
-    folder, head = train_baseline(train, encoder_dir, Path(out_dir), settings.model.max_length, train_settings, _progress)
-    return folder, head, train_settings
+    encoder_dir = resolve_encoder_dir(model.base_encoder)
+    return train_baseline(train, encoder_dir, Path(out_dir), model.max_length, train_settings, _progress)
 
 
 @task(name="score-test-split", cache_policy=NO_CACHE)
-def score(params_path: str, folder: Path) -> float:
-    settings = load_settings(params_path)
-    data = settings.data
+def score(data: DataSettings, folder: Path) -> float:
     test = load_split(data.test_csv, data.text_column, data.label_column, data.test_sha256)
     classifier, tokenizer, card = load_classifier(folder)
     texts = test[TEXT].tolist()
@@ -68,9 +62,10 @@ def train_and_register(params_path: str = "params.yaml", seed: int | None = None
         seed: overrides train.seed, e.g. to make a new version for a re-tune demo.
     """
     settings = load_settings(params_path)
+    train_settings = settings.train if seed is None else settings.train.model_copy(update={"seed": seed})
     with tempfile.TemporaryDirectory() as tmp:
-        folder, head, train_settings = fit(params_path, str(Path(tmp) / "model"), seed)
-        accuracy = score(params_path, folder)
+        folder, head = fit(settings.data, settings.model, train_settings, str(Path(tmp) / "model"))
+        accuracy = score(settings.data, folder)
         log.info("baseline test accuracy %.2f%% (C=%s)", accuracy * 100, head.best_c)
         tracker = Tracker(settings.registry)
         version = tracker.register_source(

@@ -117,6 +117,29 @@ def moto_s3_server(startup_timeout_s: float = 30.0) -> Iterator[str]:
 
 
 @contextmanager
+def background(command: list[str], log_path: Path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    """Run a long-lived command (a server, a receiver, `requant serve`) and stop it by its PID afterwards.
+
+    Output goes to a file, not a pipe: a pipe nobody reads fills up and blocks the process.
+    """
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    try:
+        yield process
+    finally:
+        stop_process(process)
+
+
+@contextmanager
+def http_server(command: list[str], health_url: str, log_path: Path, env: dict[str, str],
+                startup_timeout_s: float) -> Iterator[None]:
+    """`background`, and wait until `health_url` answers before handing over."""
+    with background(command, log_path, env) as process:
+        wait_until_answering(health_url, process, log_path, startup_timeout_s)
+        yield
+
+
+@contextmanager
 def prefect_api_server(home: Path, startup_timeout_s: float = 90.0) -> Iterator[str]:
     """Run `prefect server start` on a free port with its own PREFECT_HOME; yield its API URL.
 
@@ -127,15 +150,9 @@ def prefect_api_server(home: Path, startup_timeout_s: float = 90.0) -> Iterator[
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_API_URL": api, "PREFECT_UI_ENABLED": "false"}
     home.mkdir(parents=True, exist_ok=True)
-    log_path = home / "server.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen([str(venv_executable("prefect")), "server", "start", "--host", HOST, "--port", str(port)],
-                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-    try:
-        wait_until_answering(f"{api}/health", process, log_path, startup_timeout_s)
+    command = [str(venv_executable("prefect")), "server", "start", "--host", HOST, "--port", str(port)]
+    with http_server(command, f"{api}/health", home / "server.log", env, startup_timeout_s):
         yield api
-    finally:
-        stop_process(process)
 
 
 @contextmanager
@@ -149,25 +166,7 @@ def mlflow_tracking_server(root: Path, startup_timeout_s: float = 120.0) -> Iter
     root.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    log_path = root / "mlflow-server.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [str(venv_executable("mlflow")), "server", "--host", HOST, "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root", str(root / "artifacts")],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-    try:
-        wait_until_answering(f"{url}/health", process, log_path, startup_timeout_s)
+    command = [str(venv_executable("mlflow")), "server", "--host", HOST, "--port", str(port), "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root", str(root / "artifacts")]
+    with http_server(command, f"{url}/health", root / "mlflow-server.log", env, startup_timeout_s):
         yield url
-    finally:
-        stop_process(process)
-
-
-@contextmanager
-def background(command: list[str], log_path: Path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
-    """Run a long-lived command (a receiver, `requant serve`) and stop it by its PID afterwards."""
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-    try:
-        yield process
-    finally:
-        stop_process(process)

@@ -45,7 +45,6 @@ class Recipe(ABC):
     Config: ClassVar[type[RecipeConfig]] = RecipeConfig
     # Whether the candidate must contain lower-precision nodes (false only for the FP32 reference).
     lowers_precision: ClassVar[bool] = True
-    needs_calibration: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
