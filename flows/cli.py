@@ -121,10 +121,9 @@ def _status(args) -> int:
 
     settings = load_settings(args.params)
     tracker = Tracker(settings.registry)
-    production = tracker.production()
+    version = tracker.production()
     name, alias = settings.registry.serving_model_name, settings.registry.production_alias
-    if production:
-        version, _ = production
+    if version:
         print(f"models:/{name}@{alias} -> version {version.version}")
         for key in sorted(version.tags):
             print(f"  {key}: {version.tags[key]}")

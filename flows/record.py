@@ -41,26 +41,34 @@ def log_pareto(tracker: Tracker, parent_id: str, measured: list[MeasuredCandidat
         return
     tracker.log_dict(parent_id, {"points": frontier_table(points, decision.winner)}, "pareto.json")
     floor = reference.quality.accuracy * (1 - settings.quality_bar.max_relative_accuracy_loss)
+    if settings.quality_bar.min_accuracy is not None:
+        floor = max(floor, settings.quality_bar.min_accuracy)
     tracker.client.log_artifact(parent_id, str(plot_frontier(points, decision.winner, floor, work_dir / "pareto.png")))
 
 
 def log_candidates(tracker: Tracker, parent_id: str, measured: list[MeasuredCandidate], reference: Reference,
-                    evaluation: pd.DataFrame, data: data_version.DataVersion, key: str) -> dict[str, str]:
-    """One nested run per candidate: params, the same metric names, the model, the evaluation input."""
+                    evaluation: pd.DataFrame, data: data_version.DataVersion, key: str, decision: Decision) -> dict[str, str]:
+    """One nested run per candidate: params, the same metric names, its verdict, the model, the evaluation input."""
     uris = {}
     for m in measured:
         b = m.built
+        verdict = decision.verdicts.get(b.name)
+        status = "winner" if b.name == decision.winner else ("pass" if verdict and verdict.passed_bar else "fail")
         run_id = tracker.candidate_run(parent_id, b.name, {
             tracking.TAG_RECIPE: b.recipe, tracking.TAG_CANDIDATE: b.name, tracking.TAG_CONFIG_HASH: b.config_hash,
             tracking.TAG_DATA_VERSION: data.version, "requant.precision": b.precision, "requant.parent_key": key,
+            "requant.verdict": status, "requant.reason": verdict.reason if verdict else "",
+            "requant.is_production": str(b.is_production).lower(),
             **({tracking.TAG_FAILURE: m.error} if m.error else {}),
         })
         tracker.log_params(run_id, {"recipe": b.recipe, "precision": b.precision, "config_hash": b.config_hash,
                                     **flat("config", b.config)})
-        tracker.log_metrics(run_id, m.metrics(reference.quality.accuracy))
+        tracker.log_metrics(run_id, {**m.metrics(reference), "passed_bar": float(bool(verdict and verdict.passed_bar)),
+                                     "is_winner": float(b.name == decision.winner)})
         tracker.log_evaluation_input(run_id, evaluation[[TEXT, LABEL]],
                                      source=str(data.evaluation_path), name="evaluation", digest=data.evaluation_md5)
-        if b.model_path and not m.error:
+        # The production copy is already registered; logging its graph again would only duplicate it.
+        if b.model_path and not m.error and not b.is_production:
             uris[b.name] = tracker.log_onnx_model(run_id, b.model_path, len(reference.card.labels))
         tracker.finish(run_id, failed=bool(m.error))
     return uris

@@ -25,18 +25,27 @@ from tasks.candidates import (
     BuiltCandidate,
     MeasuredCandidate,
     build_candidate,
-    measure_candidate,
+    compare_with_production,
+    score_candidate,
+    time_candidates,
+)
+from tasks.decision import (
+    candidate_record,
+    check_reference,
+    confirm_winner,
+    production_candidate,
+    same_graph_as_production,
 )
 from tasks.locking import exclusive
 from tasks.mixed_search import MixedSearchResult, search_kept_fp32
-from tasks.recipes.base import config_hash, parse_config
+from tasks.recipes.base import config_hash, parse_config, runtime_versions
 from tasks.reference import Reference, prepare_reference
 from tasks.report import candidate_rows, render_decision, render_table
 from tasks.search import Budget
 from tasks.search_space import expand_all
+from tasks.selection import Candidate, judge, select
 from tasks.selection import Reference as QualityReference
-from tasks.selection import judge, select
-from tasks.sensitivity import GroupSensitivity, cached_ranking, first_rows, rank_groups
+from tasks.sensitivity import GroupSensitivity, cached_ranking, rank_groups, spread_rows
 from tasks.settings import CandidateSpec, Settings, load_settings
 from tasks.tracking import Tracker
 
@@ -47,7 +56,7 @@ log = logging.getLogger("requant")
 class RunSummary:
     """What a requantize run did, for the CLI, the benchmark script and tests."""
 
-    outcome: str  # promoted | kept-production | no-candidate-passed | already-decided
+    outcome: str  # promoted | kept-production | no-candidate-passed | not-confirmed | already-decided
     decision_key: str
     parent_run_id: str | None = None
     winner: str | None = None
@@ -74,13 +83,20 @@ class PhaseClock:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-def decision_key(source_digest: str, data: data_version.DataVersion, settings: Settings) -> str:
-    """Identity of a decision: same source model, data and params -> same key -> nothing changes."""
+def decision_key(source_digest: str, data: data_version.DataVersion, settings: Settings, host: dict[str, str],
+                 profile_name: str) -> str:
+    """Identity of a decision: same source model, data, params, host and runtimes -> same key -> nothing changes.
+
+    The host (CPU model, its ISA flags, the hardware profile it is priced as) and the runtime
+    versions are part of it: speeds, and so prices and the winner, are only valid where they were measured.
+    """
     knobs = {name: getattr(settings, name).model_dump(mode="json")
              for name in ("quantize", "evaluate", "cost", "quality_bar", "search")}
     knobs["max_length"] = settings.model.max_length
     knobs["serving_model"] = settings.registry.serving_model_name
-    payload = json.dumps({"source": source_digest, "data": data.version, "knobs": knobs}, sort_keys=True)
+    where = {"cpu_model": host.get("cpu_model"), "cpu_flags": host.get("cpu_flags"), "cpu_count": host.get("cpu_count"),
+             "profile": profile_name, "runtime": runtime_versions()}
+    payload = json.dumps({"source": source_digest, "data": data.version, "knobs": knobs, "where": where}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
@@ -90,7 +106,8 @@ prepare_data = task(data_version.reproduce, name="prepare-data", cache_policy=NO
 validate_data = task(validation.validate_prepared, name="validate-data", cache_policy=NO_CACHE)
 build_reference = task(prepare_reference, name="fp32-reference", cache_policy=NO_CACHE)
 build = task(build_candidate, name="quantize", cache_policy=NO_CACHE)
-measure = task(measure_candidate, name="evaluate", cache_policy=NO_CACHE)
+score = task(score_candidate, name="evaluate", cache_policy=NO_CACHE)
+time_all = task(time_candidates, name="timing", cache_policy=NO_CACHE)
 
 
 @flow(name="requantize", log_prints=False)
@@ -120,6 +137,10 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
     # `held` is entered first so that its lock is released only after the run is marked FINISHED.
     with ExitStack() as held, tracker.parent_run("requantize", {"requant.hardware_profile": profile.name,
                                                                **{f"host.{k}": v for k, v in host.items()}}) as parent_id:
+        # Runs whose process died (a kill, a lost machine) are closed first; an interrupted
+        # promotion is either completed in the record or redone by this run.
+        for closed in tracker.reconcile_stale_runs():
+            log.warning("closed stale run %s as %s: %s", closed["run_id"], closed["status"], closed["reason"])
         with clock.phase("setup"):
             source = tracker.fetch_source(model_uri or settings.model.source_uri, project / "models" / "source")
         with clock.phase("data"):
@@ -127,7 +148,7 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
             calibration = pd.read_csv(data.calibration_path, dtype=str, keep_default_na=False)
             evaluation = pd.read_csv(data.evaluation_path, dtype=str, keep_default_na=False)
 
-        key = decision_key(source.digest, data, settings)
+        key = decision_key(source.digest, data, settings, host, profile.name)
         tracker.set_tags(parent_id, {
             "mlflow.runName": f"requantize-{source.name or Path(source.uri).name}-v{source.version or 'local'}",
             tracking.TAG_SOURCE_URI: source.uri, tracking.TAG_SOURCE_VERSION: str(source.version or ""),
@@ -160,63 +181,86 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
             tracker.log_dict(parent_id, {"reports": [r.as_dict() for r in reports]}, "data_validation.json")
 
         with clock.phase("evaluate"):
-            reference = build_reference(source.folder, evaluation, calibration, work_dir, settings.model,
-                                        settings.evaluate, settings.quantize.calibration_batch_size)
+            # The FP32 graphs live in a folder of their own per source model: two models requantized
+            # at once never overwrite each other's reference.
+            reference = build_reference(source.folder, evaluation, calibration, work_dir / "sources" / source.digest[:16],
+                                        settings.model, settings.evaluate, settings.quantize.calibration_batch_size)
+            check_reference(reference)
 
         with clock.phase("quantize"):
             built = _build_all(settings, reference, source.digest, work_dir)
 
         with clock.phase("evaluate"):
-            # One at a time: concurrent benchmarks on 2 cores measure each other (onnxruntime#10273).
+            production = tracker.fetch_production(work_dir / "production")
+            if production is not None:
+                built.append(production_candidate(production))
             measured = []
             for candidate in built:
-                log.info("evaluating %s", candidate.name)
-                measured.append(measure(candidate, reference, settings.evaluate, profile, settings.cost.traffic,
-                                        settings.quality_bar))
+                log.info("scoring %s on %d rows", candidate.name, len(reference.y_true))
+                measured.append(score(candidate, reference, settings.evaluate, settings.quality_bar))
 
         search_record = None
         if settings.search.enabled:
             with clock.phase("search"):
                 ranking = rank(reference, settings, source.digest, work_dir)
-                searched = _search_mixed(ranking, reference, measured, settings, profile, source.digest, work_dir)
+                searched = _search_mixed(ranking, reference, measured, settings, source.digest, work_dir)
                 search_record = searched.record
                 known = {id(m) for m in measured}
                 measured += [m for m in searched.measured if id(m) not in known]
                 record.log_sensitivity(tracker, parent_id, ranking, work_dir)
 
+        with clock.phase("evaluate"):
+            compare_with_production(measured, reference, settings.quality_bar)
+            # Every candidate (production included) is timed in the same interleaved rounds.
+            time_all(measured, reference, settings.evaluate, profile, settings.cost.traffic,
+                     progress=lambda r, n: log.info("timing round %d/%d", r, n))
+
         with clock.phase("select"):
-            production = tracker.production()
-            decision = select([m.for_selection() for m in measured],
-                              QualityReference(reference.quality.accuracy, reference.quality.hard_slice_accuracy),
-                              settings.quality_bar, production[1] if production else None)
+            quality = QualityReference(reference.quality.accuracy, reference.quality.hard_slice_accuracy)
+            decision = select([m.for_selection() for m in measured], quality, settings.quality_bar)
+            winner = next((m for m in measured if m.built.name == decision.winner), None)
+            confirmation = confirm_winner(winner, decision, reference, settings)
+            same_graph_as_production(winner, decision, measured)
+            outcome = ("promoted" if decision.promote else
+                       "not-confirmed" if confirmation and not confirmation["passed_bar"] else
+                       "kept-production" if decision.winner else "no-candidate-passed")
 
         with clock.phase("track"):
-            model_uris = record.log_candidates(tracker, parent_id, measured, reference, evaluation, data, key)
+            model_uris = record.log_candidates(tracker, parent_id, measured, reference, evaluation, data, key, decision)
             tracker.log_metrics(parent_id, {f"fp32_reference_{k}": v for k, v in reference.quality.as_dict().items()})
             record.log_pareto(tracker, parent_id, measured, decision, settings, reference, work_dir)
 
         promoted_version = None
-        with clock.phase("select"):
-            if decision.promote:
-                winner = next(m for m in measured if m.built.name == decision.winner)
-                promoted_version = tracker.promote(model_uris[winner.built.name], _version_tags(
-                    winner, key, source, data), project / ".requant")
-            outcome = ("promoted" if decision.promote else
-                       "kept-production" if decision.winner else "no-candidate-passed")
+        if decision.promote:
+            with clock.phase("select"):
+                # Registered now, but the alias moves only after the decision is on record.
+                promoted_version = tracker.register_winner(model_uris[winner.built.name], _version_tags(
+                    winner, key, source, data, parent_id), project / ".requant")
 
         table = render_table(candidate_rows(measured, decision))
         decided = {**decision.as_dict(), "outcome": outcome, "promoted_version": promoted_version,
                    "decision_key": key, "serving_model": settings.registry.serving_model_name,
                    "hardware_profile": profile.name, "host": host, "search": search_record, "flow_pid": os.getpid(),
-                   "candidates": {m.built.name: {"recipe": m.built.recipe, "config_hash": m.built.config_hash,
-                                                 "built_by": m.built.built_by, "config": m.built.config, "error": m.error,
-                                                 **m.metrics(reference.quality.accuracy)} for m in measured}}
+                   "confirmation": confirmation, "hard_slice_intents": reference.hard_classes,
+                   "rows": {"selection": len(reference.y_true),
+                            "confirmation": len(reference.confirmation.y_true) if reference.confirmation else 0},
+                   "candidates": {m.built.name: candidate_record(m, reference) for m in measured}}
+        report = table + "\n\n" + render_decision(decision, measured, confirmation)
+        # The decision record first, the alias last: a kill in between leaves a recorded decision
+        # whose promotion the next run completes or redoes, never an alias without a decision.
         tracker.log_dict(parent_id, decided, tracking.DECISION_FILE)
-        tracker.log_metrics(parent_id, {f"phase_{k}_seconds": v for k, v in clock.seconds.items()})
-        tracker.set_tags(parent_id, {tracking.TAG_KEY: key, tracking.TAG_OUTCOME: outcome,
-                                     "requant.winner": decision.winner or ""})
-        report = table + "\n\n" + render_decision(decision)
         tracker.client.log_text(parent_id, report, "report.txt")
+        tracker.set_tags(parent_id, {tracking.TAG_KEY: key, tracking.TAG_OUTCOME: outcome,
+                                     "requant.winner": decision.winner or "",
+                                     **({tracking.TAG_PROMOTED_VERSION: promoted_version,
+                                         tracking.TAG_PROMOTION: "pending"} if promoted_version else {})})
+        if promoted_version:
+            with clock.phase("select"):
+                tracker.move_alias(promoted_version, project / ".requant")
+                tracker.set_tags(parent_id, {tracking.TAG_PROMOTION: "done"})
+                log.info("alias %s@%s -> version %s", settings.registry.serving_model_name,
+                         settings.registry.production_alias, promoted_version)
+        tracker.log_metrics(parent_id, {f"phase_{k}_seconds": v for k, v in clock.seconds.items()})
 
     return RunSummary(outcome=outcome, decision_key=key, parent_run_id=parent_id, winner=decision.winner,
                       promoted_version=promoted_version, table=table, report=report, decision=decided,
@@ -241,9 +285,9 @@ def rank(reference: Reference, settings: Settings, source_digest: str, work_dir:
     """Rank weight groups by sensitivity; cached per source model and settings (it is slow)."""
     base = parse_config("int8-dynamic", settings.search.base_config, "search.base_config")
     graph = reference.inputs.optimized_model if base.graph == "optimized" else reference.inputs.fp32_model
-    feeds = first_rows(reference.inputs.calibration_feeds, settings.search.sensitivity_samples)
+    feeds = spread_rows(reference.inputs.calibration_feeds, settings.search.sensitivity_samples)
     identity = [source_digest, base.model_dump(mode="json"), settings.search.sensitivity_samples,
-                settings.quantize.calibration_batch_size]
+                settings.quantize.calibration_batch_size, reference.inputs.calibration_digest(), runtime_versions()]
     return cached_ranking(work_dir / "sensitivity", identity, lambda: rank_groups(
         graph, feeds, work_dir / "sensitivity" / "scratch", per_channel=base.per_channel,
         threads=settings.evaluate.intra_op_threads,
@@ -251,30 +295,42 @@ def rank(reference: Reference, settings: Settings, source_digest: str, work_dir:
 
 
 def _search_mixed(ranking: list[GroupSensitivity], reference: Reference, measured: list[MeasuredCandidate],
-                  settings: Settings, profile, source_digest: str, work_dir: Path) -> MixedSearchResult:
-    """Run the mixed-precision search; a trial whose config was already measured (k = 0 is usually
-    a grid candidate) is reused, not rebuilt."""
+                  settings: Settings, source_digest: str, work_dir: Path) -> MixedSearchResult:
+    """Run the mixed-precision search on quality alone; a trial whose config was already scored
+    (k = 0 is usually a grid candidate) is reused, not rebuilt. Trials are timed later with the rest."""
     quality = QualityReference(reference.quality.accuracy, reference.quality.hard_slice_accuracy)
     by_hash = {m.built.config_hash: m for m in measured}
+    quality_bar = settings.quality_bar.model_copy(update={"max_p95_latency_ms": None})  # latency is judged after timing
 
     def measure_spec(spec: CandidateSpec) -> MeasuredCandidate:
-        digest = config_hash(spec.recipe, parse_config(spec.recipe, spec.config, spec.name), source_digest)
+        digest = config_hash(spec.recipe, parse_config(spec.recipe, spec.config, spec.name), source_digest,
+                             reference.inputs.calibration_digest())
         if digest not in by_hash:
             log.info("search trial %s", spec.name)
-            by_hash[digest] = measure(build(spec, reference, source_digest, work_dir), reference, settings.evaluate,
-                                      profile, settings.cost.traffic, settings.quality_bar)
+            by_hash[digest] = score(build(spec, reference, source_digest, work_dir), reference, settings.evaluate,
+                                    settings.quality_bar)
         return by_hash[digest]
 
+    def passes(m: MeasuredCandidate) -> bool:
+        if m.error or m.quality is None:
+            return False
+        scored = Candidate(name=m.built.name, recipe=m.built.recipe, accuracy=m.quality.accuracy,
+                           hard_slice_accuracy=m.quality.hard_slice_accuracy,
+                           accuracy_loss_high=m.accuracy_loss.high if m.accuracy_loss else None,
+                           hard_slice_loss_high=m.hard_slice_loss.high if m.hard_slice_loss else None)
+        return judge(scored, quality, quality_bar).passed_bar
+
     result = search_kept_fp32(
-        ranking, settings.search.base_config, measure_spec,
-        passes=lambda m: judge(m.for_selection(), quality, settings.quality_bar).passed_bar,
+        ranking, settings.search.base_config, measure_spec, passes=passes,
         budget=Budget(max_trials=settings.search.max_trials, max_seconds=settings.search.max_minutes * 60))
     log.info("search: %s; best k=%s", result.record["stop_reason"], result.record["best_k"])
     return result
 
 
-def _version_tags(winner: MeasuredCandidate, key: str, source, data) -> dict[str, str]:
+def _version_tags(winner: MeasuredCandidate, key: str, source, data, parent_id: str) -> dict[str, str]:
     return {
+        tracking.TAG_MODEL_SHA256: winner.built.model_sha256, tracking.TAG_PARENT_RUN: parent_id,
+        "requant.precision": winner.built.precision,
         tracking.TAG_KEY: key, tracking.TAG_SOURCE_URI: source.uri, tracking.TAG_SOURCE_VERSION: str(source.version or ""),
         tracking.TAG_SOURCE_DIGEST: source.digest, tracking.TAG_RECIPE: winner.built.recipe,
         tracking.TAG_CANDIDATE: winner.built.name, tracking.TAG_CONFIG_HASH: winner.built.config_hash,

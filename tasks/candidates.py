@@ -1,23 +1,34 @@
-"""Build one candidate from its recipe, prove it, and measure it."""
+"""Build one candidate from its recipe and prove it; score candidates; time them side by side; price them."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from tasks.benchmark import SpeedMetrics, file_size_mb, measure_speed
+import numpy as np
+
+from tasks.benchmark import (
+    SpeedMetrics,
+    file_size_mb,
+    peak_memory_mb,
+    summarize_speed,
+    time_interleaved,
+)
 from tasks.cost import CostEstimate, monthly_cost
-from tasks.errors import RequantError
 from tasks.evaluation import QualityMetrics, onnx_session, predict_onnx, quality_metrics
+from tasks.locking import exclusive
 from tasks.onnx_graph import prove_candidate
-from tasks.quality_gate import LossInterval, paired_relative_loss
+from tasks.quality_gate import LossInterval, paired_accuracy_gain, paired_relative_loss
 from tasks.recipes.base import config_hash, parse_config, recipe_class
-from tasks.reference import Reference
+from tasks.reference import EvaluationRows, Reference
 from tasks.selection import Candidate
 from tasks.settings import (
     CandidateSpec,
@@ -26,6 +37,8 @@ from tasks.settings import (
     QualityBar,
     TrafficSettings,
 )
+
+log = logging.getLogger("requant")
 
 PROOF_FILE = "proof.json"
 
@@ -47,6 +60,29 @@ class BuiltCandidate:
     # Which host and process built it: with a Dask runner, a worker, not the flow's process.
     built_by: str = ""
     error: str | None = None
+    model_sha256: str = ""
+    # The model behind the production alias, fetched from the registry to be measured side by side.
+    is_production: bool = False
+    # Why a cached build was not reused (it failed verification), for the record.
+    rebuilt_because: str | None = None
+
+
+@dataclass
+class QualityOnRows:
+    """A candidate's quality on one set of rows, with paired loss intervals against FP32."""
+
+    quality: QualityMetrics
+    accuracy_loss: LossInterval | None = None
+    hard_slice_loss: LossInterval | None = None
+
+    def as_dict(self) -> dict:
+        """Plain dict for the decision record."""
+        out = {**self.quality.as_dict()}
+        if self.accuracy_loss:
+            out["relative_accuracy_loss_interval"] = self.accuracy_loss.as_list()
+        if self.hard_slice_loss:
+            out["hard_slice_relative_loss_interval"] = self.hard_slice_loss.as_list()
+        return out
 
 
 @dataclass
@@ -59,23 +95,40 @@ class MeasuredCandidate:
     cost: CostEstimate | None = None
     predictions: list[int] = field(default_factory=list)
     accuracy_loss: LossInterval | None = None
+    hard_slice_loss: LossInterval | None = None
+    # The same gate on rows that took no part in choosing (filled for the winner).
+    confirmation: QualityOnRows | None = None
+    accuracy_gain_vs_production: LossInterval | None = None
     error: str | None = None
 
-    def metrics(self, reference_accuracy: float) -> dict[str, float]:
+    def metrics(self, reference: Reference) -> dict[str, float]:
         """The flat metric dict logged for every candidate under the same names."""
         out: dict[str, float] = {}
         if self.quality:
             out.update(self.quality.as_dict())
-            out["relative_accuracy_loss"] = (reference_accuracy - self.quality.accuracy) / reference_accuracy
+            out["relative_accuracy_loss"] = _relative(reference.quality.accuracy, self.quality.accuracy)
+            out["hard_slice_relative_loss"] = _relative(reference.quality.hard_slice_accuracy,
+                                                        self.quality.hard_slice_accuracy)
         if self.accuracy_loss:
             out["relative_accuracy_loss_low"] = self.accuracy_loss.low
             out["relative_accuracy_loss_high"] = self.accuracy_loss.high
+        if self.hard_slice_loss:
+            out["hard_slice_relative_loss_low"] = self.hard_slice_loss.low
+            out["hard_slice_relative_loss_high"] = self.hard_slice_loss.high
+        if self.confirmation:
+            out["confirmation_accuracy"] = self.confirmation.quality.accuracy
+            out["confirmation_hard_slice_accuracy"] = self.confirmation.quality.hard_slice_accuracy
+            if self.confirmation.accuracy_loss:
+                out["confirmation_relative_accuracy_loss_high"] = self.confirmation.accuracy_loss.high
+        if self.accuracy_gain_vs_production:
+            out["accuracy_gain_vs_production_low"] = self.accuracy_gain_vs_production.low
         if self.speed:
             out.update(self.speed.as_dict())
         if self.cost:
             out["monthly_cost_usd"] = self.cost.monthly_cost_usd
             out["instances"] = self.cost.instances
             out["usd_per_million_requests"] = self.cost.usd_per_million_requests
+            out["near_instance_boundary"] = float(self.cost.near_instance_boundary)
         out["lowered_nodes"] = self.built.lowered_nodes
         out["size_ratio_vs_fp32"] = self.built.size_ratio
         out["build_seconds"] = self.built.build_seconds
@@ -84,7 +137,8 @@ class MeasuredCandidate:
     def for_selection(self) -> Candidate:
         """The numbers the pure selection function needs."""
         if self.error or not (self.quality and self.speed and self.cost):
-            return Candidate(name=self.built.name, recipe=self.built.recipe, error=self.error or "not measured")
+            return Candidate(name=self.built.name, recipe=self.built.recipe, error=self.error or "not measured",
+                             is_production=self.built.is_production)
         return Candidate(
             name=self.built.name, recipe=self.built.recipe, accuracy=self.quality.accuracy,
             hard_slice_accuracy=self.quality.hard_slice_accuracy, latency_p95_ms=self.speed.latency_p95_ms,
@@ -92,68 +146,198 @@ class MeasuredCandidate:
             throughput_high_per_s=self.speed.throughput_high_per_s, monthly_cost_usd=self.cost.monthly_cost_usd,
             size_mb=self.speed.size_mb,
             accuracy_loss_high=self.accuracy_loss.high if self.accuracy_loss else None,
+            hard_slice_loss_high=self.hard_slice_loss.high if self.hard_slice_loss else None,
+            is_production=self.built.is_production,
+            accuracy_gain_vs_production_low=(self.accuracy_gain_vs_production.low
+                                             if self.accuracy_gain_vs_production else None),
         )
+
+
+def _relative(reference: float, value: float) -> float:
+    return (reference - value) / reference if reference > 0 else float("nan")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def candidate_folder(work_dir: Path, recipe: str, digest: str) -> Path:
+    """Where a candidate with this content address is built (shared by every run and source model)."""
+    return Path(work_dir) / "candidates" / f"{recipe}-{digest}"
 
 
 def build_candidate(spec: CandidateSpec, reference: Reference, source_digest: str, work_dir: Path) -> BuiltCandidate:
     """Run the candidate's recipe into a content-addressed folder, then prove the result.
 
-    A folder that already holds a proven model for the same (source, recipe, config) is reused:
-    re-runs after a crash do not redo finished work. Failures are returned, not raised, so one
-    broken recipe does not stop the others.
+    A folder that already holds a proven model for the same content address is reused, after a
+    check that it is still what was proven (the file's sha256, and a real batch through ONNX
+    Runtime): a truncated, swapped or otherwise unsound cached model is rebuilt, never measured.
+    Builds of the same address are serialised by a file lock (two runs, or two specs with the same
+    config in one batch). Failures are returned, not raised, so one broken recipe does not stop the others.
     """
     cls = recipe_class(spec.recipe)
     config = parse_config(spec.recipe, spec.config, spec.name)
-    digest = config_hash(spec.recipe, config, source_digest)
+    digest = config_hash(spec.recipe, config, source_digest, reference.inputs.calibration_digest())
     built = BuiltCandidate(spec.name, spec.recipe, cls.precision, config.model_dump(mode="json"), digest,
                            built_by=f"{socket.gethostname()}:{os.getpid()}")
-    out_dir = work_dir / "candidates" / f"{spec.recipe}-{digest}"
-    proof_path = out_dir / PROOF_FILE
-    if proof_path.is_file() and (out_dir / "model.onnx").is_file():
-        proof = json.loads(proof_path.read_text())
-        built.model_path, built.lowered_nodes, built.size_ratio = out_dir / "model.onnx", proof["lowered_nodes"], proof["size_ratio"]
-        built.reused = True
-        return built
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.mkdir(parents=True)
-    start = time.perf_counter()
-    try:
-        model_path = cls().run(reference.inputs, config, out_dir)
-        proof = prove_candidate(model_path, file_size_mb(reference.inputs.fp32_model), reference.proof_feeds,
-                                must_lower_precision=cls.lowers_precision)
-    except Exception as exc:  # a recipe may fail in onnxruntime internals; record why and go on
-        built.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-        return built
-    built.build_seconds = time.perf_counter() - start
-    built.model_path, built.lowered_nodes, built.size_ratio = model_path, proof.lowered_nodes, proof.size_ratio
-    # Written last: its presence means the folder holds a finished, proven candidate.
-    proof_path.write_text(json.dumps(asdict(proof)))
+    out_dir = candidate_folder(work_dir, spec.recipe, digest)
+    with exclusive(out_dir.parent / ".locks", out_dir.name):
+        unsound = _verify_cached(out_dir, reference)
+        if unsound is None:
+            proof = json.loads((out_dir / PROOF_FILE).read_text())
+            built.model_path, built.lowered_nodes, built.size_ratio = out_dir / "model.onnx", proof["lowered_nodes"], proof["size_ratio"]
+            built.model_sha256, built.reused = proof["sha256"], True
+            return built
+        if unsound != "not built yet":
+            log.warning("cached candidate %s is unsound (%s); rebuilding it", out_dir.name, unsound)
+            built.rebuilt_because = unsound
+        shutil.rmtree(out_dir, ignore_errors=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        try:
+            model_path = cls().run(reference.inputs, config, out_dir)
+            proof = prove_candidate(model_path, file_size_mb(reference.inputs.fp32_model), reference.proof_feeds,
+                                    must_lower_precision=cls.lowers_precision)
+        except Exception as exc:  # a recipe may fail in onnxruntime internals; record why and go on
+            built.error = _one_line(exc)
+            return built
+        built.build_seconds = time.perf_counter() - start
+        built.model_path, built.lowered_nodes, built.size_ratio = model_path, proof.lowered_nodes, proof.size_ratio
+        built.model_sha256 = sha256_file(model_path)
+        # Written last: its presence means the folder holds a finished, proven candidate.
+        (out_dir / PROOF_FILE).write_text(json.dumps({**asdict(proof), "sha256": built.model_sha256,
+                                                      "file": model_path.name}))
     return built
 
 
-def measure_candidate(built: BuiltCandidate, reference: Reference, evaluate: EvaluateSettings,
-                      profile: HardwareProfile, traffic: TrafficSettings, bar: QualityBar) -> MeasuredCandidate:
-    """Score quality on the whole evaluation set, then time it alone on this host, then price it.
+def _verify_cached(out_dir: Path, reference: Reference) -> str | None:
+    """None when the cached candidate is sound, else why not."""
+    proof_path, model_path = out_dir / PROOF_FILE, out_dir / "model.onnx"
+    if not proof_path.is_file():
+        return "not built yet"
+    try:
+        proof = json.loads(proof_path.read_text())
+        expected = proof["sha256"]
+    except (ValueError, KeyError) as exc:
+        return f"unreadable proof ({_one_line(exc)})"
+    if not model_path.is_file():
+        return "model.onnx is missing"
+    if sha256_file(model_path) != expected:
+        return "model.onnx does not match the sha256 recorded when it was proven"
+    try:
+        logits = onnx_session(model_path, 1).run(["logits"], reference.proof_feeds[0])[0]
+    except Exception as exc:  # onnxruntime raises its own exception types
+        return f"ONNX Runtime cannot run it ({_one_line(exc)})"
+    if not np.isfinite(logits).all():
+        return "its outputs are not finite"
+    return None
 
-    With `bar.gate == "interval"` the accuracy loss also gets its paired bootstrap interval.
+
+def score_on_rows(model_path: Path, rows: EvaluationRows, bar: QualityBar, threads: int) -> tuple[QualityOnRows, np.ndarray]:
+    """Score a model on one set of rows against FP32, with paired intervals; return it and the predictions.
+
+    Raises:
+        ValueError: the model's logits are not finite on some rows (fail closed).
     """
+    session = onnx_session(model_path, threads)
+    logits = predict_onnx(session, rows.batches, len(rows.y_true))
+    bad = int((~np.isfinite(logits)).any(axis=1).sum())
+    if bad:
+        raise ValueError(f"logits are NaN/inf on {bad} of {len(rows.y_true)} evaluation rows")
+    predictions = logits.argmax(axis=1)
+    result = QualityOnRows(quality_metrics(logits, rows.y_true, rows.predictions, rows.hard_idx))
+    if bar.gate == "interval":
+        reference_correct, correct = rows.predictions == rows.y_true, predictions == rows.y_true
+        result.accuracy_loss = paired_relative_loss(reference_correct, correct, bar.confidence, bar.bootstrap_samples)
+        if len(rows.hard_idx):
+            result.hard_slice_loss = paired_relative_loss(reference_correct[rows.hard_idx], correct[rows.hard_idx],
+                                                          bar.confidence, bar.bootstrap_samples)
+    return result, predictions
+
+
+def score_candidate(built: BuiltCandidate, reference: Reference, evaluate: EvaluateSettings,
+                    bar: QualityBar) -> MeasuredCandidate:
+    """Score quality on the selection rows; failures become the candidate's error, never the run's."""
     measured = MeasuredCandidate(built)
     if built.error or built.model_path is None:
         measured.error = built.error or "not built"
         return measured
+    selection = EvaluationRows(reference.eval_batches, reference.y_true, reference.logits, reference.hard_idx,
+                               reference.quality, np.arange(len(reference.y_true)))
     try:
-        session = onnx_session(built.model_path, evaluate.intra_op_threads)
-        logits = predict_onnx(session, reference.eval_batches, len(reference.y_true))
-        measured.quality = quality_metrics(logits, reference.y_true, reference.predictions, reference.hard_idx)
-        measured.predictions = logits.argmax(axis=1).tolist()
-        if bar.gate == "interval":
-            measured.accuracy_loss = paired_relative_loss(
-                reference.predictions == reference.y_true, logits.argmax(axis=1) == reference.y_true,
-                bar.confidence, bar.bootstrap_samples)
-        measured.speed = measure_speed(session, built.model_path, reference.latency_feeds, reference.throughput_feeds, evaluate)
-        # Capacity is planned on the slowest measured repeat: a fleet sized on the median would fall
-        # short whenever the host runs at the low end of its measured spread.
-        measured.cost = monthly_cost(measured.speed.throughput_low_per_s, profile, traffic)
-    except (RequantError, RuntimeError, ValueError, OSError) as exc:
-        measured.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        scored, predictions = score_on_rows(built.model_path, selection, bar, evaluate.intra_op_threads)
+    except Exception as exc:  # onnxruntime's own exception types do not derive from RuntimeError
+        measured.error = _one_line(exc)
+        return measured
+    measured.quality, measured.accuracy_loss, measured.hard_slice_loss = scored.quality, scored.accuracy_loss, scored.hard_slice_loss
+    measured.predictions = predictions.tolist()
     return measured
+
+
+def compare_with_production(measured: list[MeasuredCandidate], reference: Reference, bar: QualityBar) -> None:
+    """Give every candidate its paired accuracy gain over the production model (same rows)."""
+    production = next((m for m in measured if m.built.is_production and m.quality), None)
+    if production is None:
+        return
+    production_correct = np.asarray(production.predictions) == reference.y_true
+    for m in measured:
+        if m is not production and m.quality and not m.error:
+            m.accuracy_gain_vs_production = paired_accuracy_gain(
+                np.asarray(m.predictions) == reference.y_true, production_correct, bar.confidence, bar.bootstrap_samples)
+
+
+def time_candidates(measured: list[MeasuredCandidate], reference: Reference, evaluate: EvaluateSettings,
+                    profile: HardwareProfile, traffic: TrafficSettings,
+                    progress: Callable[[int, int], None] | None = None) -> None:
+    """Time every scored candidate in interleaved rounds, measure its memory, and price it.
+
+    Candidates that failed earlier are skipped; a candidate that fails here gets the error, the
+    others go on.
+    """
+    sessions = {}
+    for m in measured:
+        if m.error or m.quality is None:
+            continue
+        try:
+            sessions[m.built.name] = onnx_session(m.built.model_path, evaluate.intra_op_threads)
+        except Exception as exc:
+            m.error = _one_line(exc)
+    if not sessions:
+        return
+    samples = time_interleaved(sessions, reference.latency_feeds, reference.throughput_feeds, evaluate, progress)
+    for m in measured:
+        timing = samples.get(m.built.name)
+        if timing is None:
+            continue
+        if timing.error:
+            m.error = timing.error
+            continue
+        try:
+            memory = peak_memory_mb(m.built.model_path, reference.throughput_feeds[0], evaluate.intra_op_threads)
+            m.speed = summarize_speed(timing, evaluate.price_quantile, memory, file_size_mb(m.built.model_path))
+            # Capacity is planned on a robust low quantile of the rounds: a fleet sized on the median
+            # would fall short whenever the host runs at the slow end of its measured spread.
+            m.cost = monthly_cost(m.speed.throughput_low_per_s, profile, traffic, m.speed.throughput_high_per_s)
+        except Exception as exc:
+            m.error = _one_line(exc)
+
+
+def confirm(measured: MeasuredCandidate, reference: Reference, bar: QualityBar, threads: int) -> None:
+    """Score a candidate on the confirmation rows (never used to choose it); sets `measured.confirmation`.
+
+    Raises:
+        ValueError: non-finite logits on the confirmation rows.
+    """
+    if reference.confirmation is None or measured.built.model_path is None:
+        return
+    measured.confirmation, _ = score_on_rows(measured.built.model_path, reference.confirmation, bar, threads)

@@ -80,20 +80,52 @@ def label_indices(labels: Sequence[str], classes: Sequence[str]) -> np.ndarray:
     return np.array([position[label] for label in labels], dtype=np.int64)
 
 
-def hard_slice(reference_logits: np.ndarray, y_true: np.ndarray, margin_fraction: float, worst_classes: int) -> np.ndarray:
-    """Indices of the hard cases: smallest FP32 top-1 margin, plus all rows of the worst classes.
+def least_confident_classes(logits: np.ndarray, y_true: np.ndarray, count: int) -> np.ndarray:
+    """The `count` classes with the smallest mean top-1 probability margin of the reference.
 
-    The slice is fixed by the reference, so every candidate is scored on the same rows.
+    Called on the calibration split, never on the rows being scored: a slice picked from the
+    reference's own near-ties on the scored rows flips under any perturbation, so it penalises
+    every candidate (regression to the mean), whatever its real quality.
     """
-    top2 = np.sort(reference_logits, axis=1)[:, -2:]
+    if count <= 0 or len(y_true) == 0:
+        return np.array([], dtype=np.int64)
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    top2 = np.sort(probs, axis=1)[:, -2:]
     margin = top2[:, 1] - top2[:, 0]
-    n_margin = max(1, int(round(margin_fraction * len(y_true))))
-    smallest_margin = np.argsort(margin, kind="stable")[:n_margin]
-    predicted = reference_logits.argmax(axis=1)
     classes = np.unique(y_true)
-    per_class = np.array([(predicted[y_true == c] == c).mean() for c in classes])
-    worst = classes[np.argsort(per_class, kind="stable")[:worst_classes]]
-    return np.union1d(smallest_margin, np.flatnonzero(np.isin(y_true, worst)))
+    mean_margin = np.array([margin[y_true == c].mean() for c in classes])
+    return classes[np.argsort(mean_margin, kind="stable")[:count]]
+
+
+def hard_slice(y_true: np.ndarray, token_lengths: np.ndarray, hard_classes: np.ndarray, length_fraction: float) -> np.ndarray:
+    """Indices of the hard cases: every row of `hard_classes`, plus the shortest and longest queries.
+
+    Depends only on labels, lengths and classes chosen elsewhere, never on any model's predictions on
+    these rows, so every candidate (and FP32) is scored on an unbiased slice.
+    """
+    rows = np.flatnonzero(np.isin(y_true, hard_classes))
+    n_tail = int(round(length_fraction * len(y_true)))
+    if n_tail:
+        order = np.argsort(token_lengths, kind="stable")
+        rows = np.union1d(rows, np.concatenate([order[:n_tail], order[-n_tail:]]))
+    return rows.astype(np.int64)
+
+
+def stratified_holdout(labels: Sequence[str], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split row indices into (kept, held out), holding out `fraction` of each class.
+
+    Classes with a single row stay in `kept`. Both index arrays are sorted.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    held = []
+    for label in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == label))
+        n_held = int(round(fraction * len(rows))) if len(rows) > 1 else 0
+        held.extend(rows[:min(n_held, len(rows) - 1)])
+    held = np.sort(np.asarray(held, dtype=np.int64))
+    return np.setdiff1d(np.arange(len(labels)), held), held
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -110,6 +142,7 @@ def quality_metrics(logits: np.ndarray, y_true: np.ndarray, reference_pred: np.n
         accuracy=float((y_pred == y_true).mean()),
         macro_f1=macro_f1(y_true, y_pred),
         agreement_with_fp32=float((y_pred == reference_pred).mean()),
+        # An empty slice scores NaN, which the quality bar treats as a failure (fail closed).
         hard_slice_accuracy=float((y_pred[hard_idx] == y_true[hard_idx]).mean()) if len(hard_idx) else float("nan"),
         eval_rows=int(len(y_true)),
         hard_slice_rows=int(len(hard_idx)),

@@ -6,11 +6,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from tasks.candidates import MeasuredCandidate
-from tasks.search import Budget, SmallestKeptPrefix, Trial, run_search
+from tasks.search import Budget, SmallestPassingK, Trial, run_search
 from tasks.sensitivity import GroupSensitivity
 from tasks.settings import CandidateSpec
 
-STRATEGY = "smallest k most-sensitive groups kept in FP32 (k=0 first, then binary search)"
+STRATEGY = ("smallest k most-sensitive groups kept in FP32 (probe k = 0, 1, 2, 4, ...; then every untried k below the "
+            "first pass; no monotonicity assumed)")
 
 
 @dataclass
@@ -30,17 +31,22 @@ def trial_spec(ranking: list[GroupSensitivity], k: int, base_config: dict) -> Ca
 def search_kept_fp32(ranking: list[GroupSensitivity], base_config: dict,
                      measure_spec: Callable[[CandidateSpec], MeasuredCandidate],
                      passes: Callable[[MeasuredCandidate], bool], budget: Budget) -> MixedSearchResult:
-    """Run the bounded search over k; `measure_spec` builds and measures one candidate (or reuses one)."""
+    """Run the bounded search over k; `measure_spec` builds and scores one candidate (or reuses one).
+
+    Trials are judged on quality alone (`passes`); every trial is timed later, side by side with
+    the other candidates, and the final choice among them is selection's. The search's cost of a
+    trial is k, which orders trials as their price does (more FP32 groups, bigger and slower).
+    """
     trials: dict[int, MeasuredCandidate] = {}
+    strategy = SmallestPassingK(len(ranking))
 
     def evaluate(k: int) -> Trial[int]:
         measured = measure_spec(trial_spec(ranking, k, base_config))
         trials[k] = measured
         passed = passes(measured)
-        selected = measured.for_selection()
-        return Trial(k, passed, selected.monthly_cost_usd if passed else float("inf"), selected.accuracy)
+        return Trial(k, passed, float(k), measured.quality.accuracy if measured.quality else float("nan"))
 
-    result = run_search(SmallestKeptPrefix(len(ranking)), evaluate, budget)
+    result = run_search(strategy, evaluate, budget)
     best = result.best.proposal if result.best else None
     record = {
         "strategy": STRATEGY,
@@ -48,7 +54,9 @@ def search_kept_fp32(ranking: list[GroupSensitivity], base_config: dict,
         "best_k": best,
         "best_candidate": trials[best].built.name if best is not None else None,
         "kept_fp32": [g.group for g in ranking[:best]] if best is not None else None,
+        # k below the answer that the budget left untried: empty means the answer is the true smallest.
+        "untried_below_best": strategy.untried_below_best(result.trials),
         "trials": [{"k": t.proposal, "candidate": trials[t.proposal].built.name, "passed": t.passed,
-                    "accuracy": t.accuracy} for t in result.trials],
+                    "accuracy": t.accuracy, "error": trials[t.proposal].error} for t in result.trials],
     }
     return MixedSearchResult(record, [trials[t.proposal] for t in result.trials])

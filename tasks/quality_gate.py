@@ -64,3 +64,26 @@ def paired_relative_loss(reference_correct: np.ndarray, candidate_correct: np.nd
 def _relative_loss(reference_hits, candidate_hits):
     reference_hits = np.asarray(reference_hits, dtype=np.float64)
     return np.where(reference_hits > 0, (reference_hits - candidate_hits) / np.maximum(reference_hits, 1), 0.0)
+
+
+def paired_accuracy_gain(candidate_correct: np.ndarray, baseline_correct: np.ndarray, confidence: float = 0.95,
+                         samples: int = 2000, seed: int = 0) -> LossInterval:
+    """Bootstrap the accuracy gain (acc_candidate - acc_baseline), in points of accuracy, over paired rows.
+
+    Used to ask whether a new winner is more accurate than the production model beyond noise: only
+    an interval whose low end is above zero says so.
+    """
+    cand = np.asarray(candidate_correct, dtype=np.float64)
+    base = np.asarray(baseline_correct, dtype=np.float64)
+    if cand.shape != base.shape or cand.ndim != 1 or len(cand) == 0:
+        raise ValueError("candidate and baseline correctness must be equal-length, non-empty vectors")
+    diff = cand - base
+    rng = np.random.default_rng(seed)
+    means = np.empty(samples, dtype=np.float64)
+    chunk = max(1, 4_000_000 // len(diff))
+    for start in range(0, samples, chunk):
+        n = min(chunk, samples - start)
+        means[start:start + n] = diff[rng.integers(0, len(diff), size=(n, len(diff)), dtype=np.int32)].mean(axis=1)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return LossInterval(point=float(diff.mean()), low=float(low), high=float(high), confidence=confidence)

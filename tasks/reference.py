@@ -14,8 +14,10 @@ from tasks.evaluation import (
     QualityMetrics,
     hard_slice,
     label_indices,
+    least_confident_classes,
     predict_torch,
     quality_metrics,
+    stratified_holdout,
     tokenized_batches,
 )
 from tasks.model_io import (
@@ -31,8 +33,30 @@ from tasks.settings import EvaluateSettings, ModelSettings
 
 
 @dataclass
+class EvaluationRows:
+    """One set of scored rows: tokenized batches, labels, FP32 logits, the hard slice, FP32 quality."""
+
+    batches: Batches
+    y_true: np.ndarray
+    logits: np.ndarray
+    hard_idx: np.ndarray
+    quality: QualityMetrics
+    rows: np.ndarray  # positions in the evaluation set
+
+    @property
+    def predictions(self) -> np.ndarray:
+        """FP32 (PyTorch eager) predicted class per row."""
+        return self.logits.argmax(axis=1)
+
+
+@dataclass
 class Reference:
-    """Everything candidates are built from and compared against, computed once per run."""
+    """Everything candidates are built from and compared against, computed once per run.
+
+    The evaluation set is split once: candidates are scored and chosen on the selection rows
+    (`eval_batches`, `y_true`, ...), and the winner is confirmed on `confirmation` rows that took
+    no part in choosing it (the winner's curse: the best of many noisy scores is biased upwards).
+    """
 
     card: ModelCard
     inputs: QuantizeInputs
@@ -45,6 +69,8 @@ class Reference:
     proof_feeds: list[dict[str, np.ndarray]]
     latency_feeds: list[dict[str, np.ndarray]]
     throughput_feeds: list[dict[str, np.ndarray]]
+    confirmation: EvaluationRows | None = None
+    hard_classes: list[str] | None = None  # intents in the hard slice (chosen on the calibration split)
 
     @property
     def predictions(self) -> np.ndarray:
@@ -61,12 +87,20 @@ def prepare_reference(source_folder: Path, evaluation: pd.DataFrame, calibration
     optimized_path = optimize_graph(fp32_path, work_dir / "fp32-optimized" / "model.onnx", heads, hidden)
 
     texts = evaluation[TEXT].tolist()
-    batches = tokenized_batches(tokenizer, texts, card.max_length, evaluate.batch_size)
-    y_true = label_indices(evaluation[LABEL].tolist(), card.labels)
-    logits = predict_torch(classifier, batches, len(texts))
-    hard_idx = hard_slice(logits, y_true, evaluate.hard_margin_fraction, evaluate.worst_intents)
-
+    labels = evaluation[LABEL].tolist()
     calibration_texts = calibration[TEXT].tolist()
+    # Hard intents come from the calibration split: never from FP32's predictions on scored rows.
+    calibration_batches = tokenized_batches(tokenizer, calibration_texts, card.max_length, evaluate.batch_size)
+    calibration_logits = predict_torch(classifier, calibration_batches, len(calibration_texts))
+    hard_classes = least_confident_classes(calibration_logits, label_indices(calibration[LABEL].tolist(), card.labels),
+                                           evaluate.worst_intents)
+    selection_rows, confirmation_rows = stratified_holdout(labels, evaluate.confirmation_fraction, seed=0)
+    scored = _score_rows(classifier, tokenizer, card, texts, labels, selection_rows, hard_classes, evaluate)
+    confirmation = (_score_rows(classifier, tokenizer, card, texts, labels, confirmation_rows, hard_classes, evaluate)
+                    if len(confirmation_rows) else None)
+    batches, y_true, logits, hard_idx = scored.batches, scored.y_true, scored.logits, scored.hard_idx
+    texts = [texts[i] for i in selection_rows]
+
     calibration_feeds = [feed for _, feed in tokenized_batches(tokenizer, calibration_texts, card.max_length,
                                                                 calibration_batch_size)]
     rng = np.random.default_rng(0)
@@ -86,8 +120,25 @@ def prepare_reference(source_folder: Path, evaluation: pd.DataFrame, calibration
         y_true=y_true,
         logits=logits,
         hard_idx=hard_idx,
-        quality=quality_metrics(logits, y_true, logits.argmax(axis=1), hard_idx),
+        quality=scored.quality,
         proof_feeds=[batches[-1][1], stress],
         latency_feeds=[tokenize(tokenizer, [t], card.max_length) for t in latency_texts],
         throughput_feeds=throughput_feeds,
+        confirmation=confirmation,
+        hard_classes=[card.labels[i] for i in hard_classes],
     )
+
+
+def _score_rows(classifier, tokenizer, card: ModelCard, texts: list[str], labels: list[str], rows: np.ndarray,
+                hard_classes: np.ndarray, evaluate: EvaluateSettings) -> EvaluationRows:
+    """Tokenize and score FP32 on a subset of the evaluation rows, with its own hard slice."""
+    subset = [texts[i] for i in rows]
+    batches = tokenized_batches(tokenizer, subset, card.max_length, evaluate.batch_size)
+    y_true = label_indices([labels[i] for i in rows], card.labels)
+    logits = predict_torch(classifier, batches, len(subset))
+    lengths = np.zeros(len(subset), dtype=np.int64)
+    for idx, feed in batches:
+        lengths[idx] = feed["attention_mask"].sum(axis=1)
+    hard_idx = hard_slice(y_true, lengths, hard_classes, evaluate.hard_length_fraction)
+    return EvaluationRows(batches, y_true, logits, hard_idx,
+                          quality_metrics(logits, y_true, logits.argmax(axis=1), hard_idx), rows)

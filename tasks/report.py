@@ -6,7 +6,7 @@ from tasks.candidates import MeasuredCandidate
 from tasks.selection import Decision
 
 COLUMNS = ("candidate", "precision", "accuracy", "loss vs FP32", "hard slice", "p50 ms", "p95 ms",
-           "sent/s (min-max)", "size MB", "$/month", "verdict")
+           "sent/s (q25-q75)", "size MB", "$/month", "verdict")
 
 
 def candidate_rows(measured: list[MeasuredCandidate], decision: Decision) -> list[tuple[str, ...]]:
@@ -25,7 +25,7 @@ def candidate_rows(measured: list[MeasuredCandidate], decision: Decision) -> lis
             f"{s.latency_p95_ms:.2f}" if s else "-",
             f"{s.throughput_per_s:.0f} ({s.throughput_low_per_s:.0f}-{s.throughput_high_per_s:.0f})" if s else "-",
             f"{s.size_mb:.1f}" if s else "-",
-            f"{c.monthly_cost_usd:,.0f}" if c else "-",
+            (f"{c.monthly_cost_usd:,.0f}" + ("*" if c.near_instance_boundary else "")) if c else "-",
             status,
         ))
     return rows
@@ -40,8 +40,21 @@ def render_table(rows: list[tuple[str, ...]], columns: tuple[str, ...] = COLUMNS
     return "\n".join(out)
 
 
-def render_decision(decision: Decision) -> str:
-    """The decision and each loser's reason, one line each."""
+def render_decision(decision: Decision, measured: list[MeasuredCandidate] | None = None,
+                    confirmation: dict | None = None) -> str:
+    """The decision, the winner's confirmation on held-out rows, each loser's reason, and price notes."""
     lines = [f"decision: {decision.summary}"]
+    if confirmation:
+        if "accuracy" in confirmation:
+            lines.append(
+                f"confirmed on {confirmation['rows']} held-out rows: {confirmation['candidate']} "
+                f"{confirmation['accuracy']:.2%} vs FP32 {confirmation['fp32_accuracy']:.2%} "
+                f"(loss {confirmation['relative_accuracy_loss']:+.2%}); "
+                + ("passes the bar" if confirmation["passed_bar"] else f"FAILS: {confirmation['reason']}"))
+        else:
+            lines.append(f"confirmation of {confirmation['candidate']} failed: {confirmation['reason']}")
     lines += [f"  {name}: {v.reason}" for name, v in decision.verdicts.items() if name != decision.winner]
+    notes = [f"  * {m.built.name}: {m.cost.boundary_note()}" for m in measured or [] if m.cost and m.cost.near_instance_boundary]
+    if notes:
+        lines += ["price notes (* in the table):", *notes]
     return "\n".join(lines)

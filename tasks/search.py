@@ -74,25 +74,44 @@ def run_search(strategy: Strategy[P], evaluate: Callable[[P], Trial[P]], budget:
     return result
 
 
-class SmallestKeptPrefix:
+class SmallestPassingK:
     """Find the smallest k such that keeping the k most sensitive groups in FP32 passes.
 
-    Keeping more groups in FP32 only makes a model bigger and slower, and (by the sensitivity
-    ranking) more accurate: so once k passes, no k' > k can be cheaper, and once k fails, no
-    k' < k can pass. It tries k = 0 first, then binary-searches [0, n]; once the bounds cross,
-    nothing cheaper can still pass. Proposals are the integers k.
+    Cost grows with k (each group kept in FP32 makes the model bigger and slower), so the cheapest
+    passing trial is the passing trial with the smallest k. Passing itself need not be monotone in
+    k: quantization noise can make k=2 pass while k=3 fails, and a failed build says nothing about
+    any other k. So nothing is pruned on a failure: the strategy probes k = 0, 1, 2, 4, 8, ... (a
+    passing k is usually found in a few trials), and once some k passes it tries every untried
+    k below it, smallest first. The first pass of that fill-in, or the probed pass when every k
+    below it failed, is the answer. Only the budget can stop it early (the caller reports which k
+    were left untried). Proposals are the integers k.
+
+    Example, passing k = {2, 6, 7, 8} of 26 groups: tries 0 (fail), 1 (fail), 2 (pass); nothing
+    below 2 is untried, so the answer is 2 in 3 trials.
     """
 
     def __init__(self, n_groups: int) -> None:
         self.n_groups = n_groups
 
-    def propose(self, trials: list[Trial[int]]) -> int | None:
-        if not trials:
-            return 0  # everything quantized: the cheapest point, and often good enough
-        failed = [t.proposal for t in trials if not t.passed]
+    def probes(self) -> list[int]:
+        """k = 0, then powers of two up to n, then n itself."""
+        probes, k = [0], 1
+        while k < self.n_groups:
+            probes.append(k)
+            k *= 2
+        return probes + [self.n_groups] if self.n_groups not in probes else probes
+
+    def untried_below_best(self, trials: list[Trial[int]]) -> list[int]:
+        """Every k below the smallest passing k that no trial has tried (empty when the answer is proven)."""
+        tried = {t.proposal for t in trials}
         passed = [t.proposal for t in trials if t.passed]
-        low = max(failed) + 1 if failed else 0  # every k at or below a failed k fails too
-        high = min(passed) - 1 if passed else self.n_groups  # only k below the smallest pass is cheaper
-        if low > high:
-            return None
-        return (low + high) // 2
+        limit = min(passed) if passed else self.n_groups + 1
+        return [k for k in range(limit) if k not in tried]
+
+    def propose(self, trials: list[Trial[int]]) -> int | None:
+        tried = {t.proposal for t in trials}
+        if any(t.passed for t in trials):
+            below = self.untried_below_best(trials)
+            return below[0] if below else None
+        return next((k for k in self.probes() if k not in tried),
+                    next((k for k in range(self.n_groups + 1) if k not in tried), None))

@@ -1,19 +1,34 @@
 """Pick the cheapest candidate that meets the quality bar. Pure: numbers in, a Decision out.
 
 Rules, in order:
-1. A candidate that failed to build or verify is out.
-2. Its accuracy loss relative to the FP32 reference must be within the bar (judged on the upper
-   end of its paired interval when one is given), and so must its hard-slice loss; an optional
-   p95 latency limit applies.
-3. Among the passing candidates the cheapest (monthly cost, then throughput) leads. Any passing
-   candidate whose throughput interval overlaps the leader's is tied with it within measured
-   noise; among the tied, the more accurate wins, then the smaller. A cost difference smaller
-   than the noise never decides.
-4. An existing production model that is at least as accurate and no more expensive is kept.
+1. A candidate that failed to build, verify or measure is out, and so is one whose numbers are not
+   finite (fail closed: NaN never passes).
+2. Its accuracy loss relative to the FP32 reference must be within the bar, judged on the upper end
+   of its paired interval when one is given; so must its hard-slice loss; an optional absolute
+   accuracy floor and an optional p95 latency limit apply.
+3. Speed decides before accuracy, but only beyond the noise. Every candidate carries a throughput
+   median and a noise band [low, high] from interleaved timing rounds; its price comes from `low`
+   (a robust low quantile), so capacity holds at the slow end of the noise. A passing candidate is
+   *slower beyond the noise* than another when its median lies below the other's `low`; such a
+   candidate never wins, whatever its accuracy. The rest (the speed frontier) are as fast as the
+   fastest within noise: among them the most accurate wins, then the cheaper, then the smaller.
+
+   A wider band never helps a candidate: its own median decides whether it is out, its own `low`
+   only lets more rivals stay in, and its price (from `low`) only rises.
+4. The production model, measured in the same run as a candidate, stays unless the winner is better
+   beyond noise: production is slower beyond the noise than the winner, or the winner's accuracy
+   gain over production has a paired interval above zero, or production no longer meets the bar.
+
+Worked example with the default bar: FP32 scores 93.0%; int8 A at 800/s (band 780-820) costs $130,
+int8 B at 790/s (775-805) costs $195 because its band crosses an instance boundary, fp32 at
+320/s (310-330) costs $326. fp32 is slower beyond the noise (320 < 775); A and B tie on speed
+(790 >= 780 and 800 >= 775), so the more accurate of A and B wins, even if B is priced higher:
+that price difference is smaller than the noise.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from tasks.settings import QualityBar
@@ -34,9 +49,15 @@ class Candidate:
     monthly_cost_usd: float = 0.0
     size_mb: float = 0.0
     error: str | None = None
-    # Upper end of the paired interval on the relative accuracy loss (quality_gate); when set,
-    # the bar is judged on it instead of the point estimate.
+    # Upper ends of the paired intervals of the relative losses vs FP32 (tasks.quality_gate); when
+    # set, the bar is judged on them instead of the point estimates.
     accuracy_loss_high: float | None = None
+    hard_slice_loss_high: float | None = None
+    # The model behind the production alias, measured in this run like any other candidate.
+    is_production: bool = False
+    # Lower end of the paired interval of (this accuracy - production's accuracy) on the same rows;
+    # None when there is no production model or this is it.
+    accuracy_gain_vs_production_low: float | None = None
 
 
 @dataclass(frozen=True)
@@ -45,15 +66,6 @@ class Reference:
 
     accuracy: float
     hard_slice_accuracy: float
-
-
-@dataclass(frozen=True)
-class ProductionModel:
-    """What the registry knows about the model currently behind the production alias."""
-
-    version: str
-    accuracy: float
-    monthly_cost_usd: float
 
 
 @dataclass
@@ -65,6 +77,9 @@ class Verdict:
     hard_slice_relative_loss: float | None
     reason: str = ""
     relative_accuracy_loss_high: float | None = None
+    hard_slice_relative_loss_high: float | None = None
+    # Passing, and not slower beyond the noise than any other passing candidate.
+    on_speed_frontier: bool = False
 
 
 @dataclass
@@ -77,6 +92,7 @@ class Decision:
     reference: dict
     bar: dict
     verdicts: dict[str, Verdict] = field(default_factory=dict)
+    production: str | None = None  # the production candidate's name, if one was measured
 
     def as_dict(self) -> dict:
         """Plain dict, JSON-serialisable."""
@@ -84,18 +100,38 @@ class Decision:
 
 
 def _relative_loss(reference: float, value: float) -> float:
-    return (reference - value) / reference if reference > 0 else 0.0
+    # Fail closed: a reference that scores nothing makes every loss meaningless, not zero.
+    if not reference > 0:
+        return math.inf
+    return (reference - value) / reference
+
+
+def _finite(*values: float | None) -> bool:
+    return all(v is None or math.isfinite(v) for v in values)
 
 
 def judge(candidate: Candidate, reference: Reference, bar: QualityBar) -> Verdict:
     """Whether one candidate meets the bar, with the reason when it does not."""
     if candidate.error:
         return Verdict(False, None, None, f"failed: {candidate.error}")
+    if not _finite(candidate.accuracy, candidate.hard_slice_accuracy):
+        return Verdict(False, None, None, "failed: accuracy is not a finite number (fail closed)")
+    if not (reference.accuracy > 0 and reference.hard_slice_accuracy > 0):
+        return Verdict(False, None, None, f"failed: the FP32 reference scores {reference.accuracy:.2%} "
+                                          f"(hard slice {reference.hard_slice_accuracy:.2%}); no loss can be judged against it")
     loss = _relative_loss(reference.accuracy, candidate.accuracy)
     hard_loss = _relative_loss(reference.hard_slice_accuracy, candidate.hard_slice_accuracy)
-    verdict = Verdict(True, loss, hard_loss, relative_accuracy_loss_high=candidate.accuracy_loss_high)
-    judged = loss if candidate.accuracy_loss_high is None else max(loss, candidate.accuracy_loss_high)
-    if judged > bar.max_relative_accuracy_loss:
+    verdict = Verdict(True, loss, hard_loss, relative_accuracy_loss_high=candidate.accuracy_loss_high,
+                      hard_slice_relative_loss_high=candidate.hard_slice_loss_high)
+    judged = max(loss, candidate.accuracy_loss_high) if candidate.accuracy_loss_high is not None else loss
+    judged_hard = max(hard_loss, candidate.hard_slice_loss_high) if candidate.hard_slice_loss_high is not None else hard_loss
+    if not _finite(judged, judged_hard):
+        verdict.passed_bar = False
+        verdict.reason = "failed: the loss interval is not finite (fail closed)"
+    elif bar.min_accuracy is not None and candidate.accuracy < bar.min_accuracy:
+        verdict.passed_bar = False
+        verdict.reason = f"accuracy {candidate.accuracy:.2%} is below the absolute floor {bar.min_accuracy:.2%}"
+    elif judged > bar.max_relative_accuracy_loss:
         verdict.passed_bar = False
         interval = (f"; upper end of the {bar.confidence:.0%} paired interval {candidate.accuracy_loss_high:.2%}"
                     if candidate.accuracy_loss_high is not None else "")
@@ -103,72 +139,104 @@ def judge(candidate: Candidate, reference: Reference, bar: QualityBar) -> Verdic
             f"accuracy {candidate.accuracy:.2%} is {loss:.2%} below FP32 {reference.accuracy:.2%}{interval} "
             f"(bar: {bar.max_relative_accuracy_loss:.2%})"
         )
-    elif hard_loss > bar.max_hard_slice_relative_loss:
+    elif judged_hard > bar.max_hard_slice_relative_loss:
         verdict.passed_bar = False
+        interval = (f"; upper end of the {bar.confidence:.0%} paired interval {candidate.hard_slice_loss_high:.2%}"
+                    if candidate.hard_slice_loss_high is not None else "")
         verdict.reason = (
             f"hard-slice accuracy {candidate.hard_slice_accuracy:.2%} is {hard_loss:.2%} below FP32 "
-            f"{reference.hard_slice_accuracy:.2%} (bar: {bar.max_hard_slice_relative_loss:.2%})"
+            f"{reference.hard_slice_accuracy:.2%}{interval} (bar: {bar.max_hard_slice_relative_loss:.2%})"
         )
-    elif bar.max_p95_latency_ms is not None and candidate.latency_p95_ms > bar.max_p95_latency_ms:
+    elif bar.max_p95_latency_ms is not None and not candidate.latency_p95_ms <= bar.max_p95_latency_ms:
         verdict.passed_bar = False
         verdict.reason = f"p95 latency {candidate.latency_p95_ms:.2f} ms exceeds {bar.max_p95_latency_ms:.2f} ms"
     return verdict
 
 
-def _overlaps(a: Candidate, b: Candidate) -> bool:
-    return a.throughput_low_per_s <= b.throughput_high_per_s and b.throughput_low_per_s <= a.throughput_high_per_s
+def slower_beyond_noise(a: Candidate, b: Candidate) -> bool:
+    """Whether a's median throughput lies below b's noise band (b's robust low quantile)."""
+    return a.throughput_per_s < b.throughput_low_per_s
 
 
-def select(candidates: list[Candidate], reference: Reference, bar: QualityBar,
-           production: ProductionModel | None = None) -> Decision:
-    """Return the winner and, for every other candidate, why it lost.
+def _band(c: Candidate) -> str:
+    return f"{c.throughput_per_s:.0f}/s ({c.throughput_low_per_s:.0f}-{c.throughput_high_per_s:.0f})"
+
+
+def select(candidates: list[Candidate], reference: Reference, bar: QualityBar) -> Decision:
+    """Return the winner, whether to promote it, and for every other candidate why it lost.
 
     Args:
-        candidates: measured candidates (failed ones carry `error`).
+        candidates: measured candidates (failed ones carry `error`); at most one has
+            `is_production` set: the model behind the production alias, measured in this run.
         reference: FP32 quality the relative losses are computed against.
         bar: the quality bar from params.yaml.
-        production: the model behind the production alias, if any; a winner that is neither
-            more accurate nor cheaper than it is not promoted.
     """
     verdicts = {c.name: judge(c, reference, bar) for c in candidates}
+    production = next((c for c in candidates if c.is_production), None)
     decision = Decision(winner=None, promote=False, summary="", reference=asdict(reference), bar=bar.model_dump(),
-                        verdicts=verdicts)
-    passing = sorted((c for c in candidates if verdicts[c.name].passed_bar),
-                     key=lambda c: (c.monthly_cost_usd, -c.throughput_per_s))
+                        verdicts=verdicts, production=production.name if production else None)
+    passing = [c for c in candidates if verdicts[c.name].passed_bar]
     if not passing:
         decision.summary = "no candidate met the quality bar; nothing promoted"
         return decision
 
-    leader = passing[0]
-    tied = [c for c in passing if c is leader or _overlaps(c, leader)]
-    winner = max(tied, key=lambda c: (c.accuracy, -c.size_mb))
+    beaten_by = {c.name: next((o for o in sorted(passing, key=lambda o: -o.throughput_low_per_s)
+                               if o is not c and slower_beyond_noise(c, o)), None) for c in passing}
+    frontier = [c for c in passing if beaten_by[c.name] is None]
+    for c in frontier:
+        verdicts[c.name].on_speed_frontier = True
+    winner = max(frontier, key=lambda c: (c.accuracy, -c.monthly_cost_usd, -c.size_mb, c.is_production))
+    tied = [c for c in frontier if c is not winner]
     for c in passing:
         if c is winner:
             verdicts[c.name].reason = "winner: cheapest that meets the bar" + (
-                f" (tied within throughput noise with {', '.join(t.name for t in tied if t is not c)}; more accurate or smaller)"
-                if len(tied) > 1 else "")
-        elif c in tied:
+                f" (as fast as {', '.join(t.name for t in tied)} within measured noise; more accurate, then cheaper, then smaller)"
+                if tied else "")
+        elif beaten_by[c.name] is not None:
+            faster = beaten_by[c.name]
             verdicts[c.name].reason = (
-                f"passes the bar; cost within measured noise of {winner.name}, which is more accurate or smaller"
-            )
-        elif c.monthly_cost_usd == winner.monthly_cost_usd:
-            verdicts[c.name].reason = (
-                f"passes the bar at the same ${c.monthly_cost_usd:,.2f}/month, but its throughput "
-                f"({c.throughput_low_per_s:.0f}-{c.throughput_high_per_s:.0f}/s) is below {winner.name}'s "
-                f"({winner.throughput_low_per_s:.0f}-{winner.throughput_high_per_s:.0f}/s) beyond the noise"
+                f"passes the bar, but its throughput {_band(c)} is below {faster.name}'s {_band(faster)} beyond the noise "
+                f"(${c.monthly_cost_usd:,.2f}/month vs ${faster.monthly_cost_usd:,.2f})"
             )
         else:
             verdicts[c.name].reason = (
-                f"passes the bar but costs ${c.monthly_cost_usd:,.2f}/month vs ${winner.monthly_cost_usd:,.2f} for {winner.name}"
+                f"passes the bar; as fast as {winner.name} within measured noise, and {winner.name} is more accurate "
+                f"({winner.accuracy:.2%} vs {c.accuracy:.2%}), cheaper or smaller"
             )
 
     decision.winner = winner.name
-    if production and production.accuracy >= winner.accuracy and production.monthly_cost_usd <= winner.monthly_cost_usd:
-        decision.summary = (
-            f"{winner.name} is the best candidate, but production version {production.version} is at least as accurate "
-            f"({production.accuracy:.2%}) and no more expensive (${production.monthly_cost_usd:,.2f}/month); kept production"
-        )
-        return decision
+    if production is not None:
+        kept = _keep_production(production, winner, verdicts, beaten_by)
+        if kept:
+            decision.summary = kept
+            return decision
     decision.promote = True
     decision.summary = f"promote {winner.name}: ${winner.monthly_cost_usd:,.2f}/month at {winner.accuracy:.2%} accuracy"
+    if production is not None:
+        decision.summary += f"; production {production.name} is {_why_replaced(production, winner, verdicts, beaten_by)}"
     return decision
+
+
+def _keep_production(production: Candidate, winner: Candidate, verdicts: dict[str, Verdict],
+                     beaten_by: dict[str, Candidate | None]) -> str | None:
+    """The summary when production stays, or None when the winner replaces it."""
+    if winner is production:
+        return f"production {production.name} is still the best candidate; kept production"
+    if not verdicts[production.name].passed_bar or beaten_by.get(production.name) is not None:
+        return None
+    gain = winner.accuracy_gain_vs_production_low
+    if gain is not None and gain > 0:
+        return None
+    return (f"{winner.name} is the best new candidate, but production {production.name} is as fast within noise "
+            f"({_band(production)} vs {_band(winner)}) and {winner.name} is not more accurate beyond noise "
+            f"({winner.accuracy:.2%} vs {production.accuracy:.2%}); kept production")
+
+
+def _why_replaced(production: Candidate, winner: Candidate, verdicts: dict[str, Verdict],
+                  beaten_by: dict[str, Candidate | None]) -> str:
+    if not verdicts[production.name].passed_bar:
+        return f"replaced: it no longer meets the bar ({verdicts[production.name].reason})"
+    if beaten_by.get(production.name) is not None:
+        return f"replaced: slower beyond the noise ({_band(production)} vs {_band(winner)})"
+    return (f"replaced: {winner.name} is more accurate beyond noise ({winner.accuracy:.2%} vs {production.accuracy:.2%}, "
+            f"gain interval low end {winner.accuracy_gain_vs_production_low:+.2%})")

@@ -112,15 +112,19 @@ def cached_ranking(cache_dir: Path, identity: list, compute: Callable[[], list[G
     return ranking
 
 
-def first_rows(feeds: list[dict[str, np.ndarray]], rows: int) -> list[dict[str, np.ndarray]]:
-    """Whole batches from the front of `feeds` until at least `rows` rows are taken."""
-    taken, count = [], 0
-    for feed in feeds:
-        if count >= rows:
-            break
-        taken.append(feed)
-        count += len(feed["input_ids"])
-    return taken
+def spread_rows(feeds: list[dict[str, np.ndarray]], rows: int) -> list[dict[str, np.ndarray]]:
+    """Whole batches spread evenly over `feeds` until at least `rows` rows are taken.
+
+    Calibration feeds are length-sorted batches; taking them from the front would measure
+    sensitivity on the shortest texts only. Evenly spaced batches keep every length represented.
+    """
+    total = sum(len(f["input_ids"]) for f in feeds)
+    if total <= rows:
+        return list(feeds)
+    per_batch = total / len(feeds)
+    wanted = min(len(feeds), int(np.ceil(rows / per_batch)))
+    picks = np.unique(np.linspace(0, len(feeds) - 1, wanted).round().astype(int))
+    return [feeds[i] for i in picks]
 
 
 def plot_ranking(ranking: list[GroupSensitivity], path: Path) -> Path:

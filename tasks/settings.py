@@ -102,17 +102,25 @@ class EvaluateSettings(_Section):
     """How quality and speed are measured."""
 
     batch_size: int = Field(64, ge=1, description="Batch size for the accuracy pass (texts sorted by length).")
-    hard_margin_fraction: float = Field(0.1, gt=0, le=1, description="Hard slice: this fraction of examples with the smallest FP32 margin...")
-    worst_intents: int = Field(5, ge=0, description="...plus every example of the N classes FP32 gets most wrong.")
+    confirmation_fraction: float = Field(
+        0.3, ge=0, lt=1, description="Stratified share of the evaluation rows held out to confirm the winner on rows not "
+                                     "used to choose it (0 = no confirmation).")
+    worst_intents: int = Field(
+        5, ge=0, description="Hard slice: every evaluation row of the N intents FP32 is least sure of on the calibration "
+                             "split (never on the rows being scored)...")
+    hard_length_fraction: float = Field(
+        0.05, ge=0, lt=0.5, description="...plus this fraction of the shortest and of the longest evaluation queries (by tokens).")
     intra_op_threads: int = Field(2, ge=1, description="ONNX Runtime intra-op threads, fixed for every benchmark.")
     warmup_runs: int = Field(20, ge=0, description="Untimed runs before each timing.")
-    latency_runs: int = Field(200, ge=10, description="Batch-1 runs timed for p50/p95.")
-    latency_repeats: int = Field(5, ge=2, description="Latency blocks; the spread of their p50s is the noise band.")
+    latency_runs: int = Field(200, ge=10, description="Batch-1 runs timed for p50/p95, spread over the timing rounds.")
     throughput_batch_size: int = Field(32, ge=1, description="Serving batch size for throughput.")
-    throughput_batches: int = Field(8, ge=1, description="Batches per throughput repeat.")
-    throughput_repeats: int = Field(5, ge=2, description="Throughput repeats; their min..max is the noise band.")
-
-
+    throughput_batches: int = Field(8, ge=1, description="Batches timed per candidate per round.")
+    timing_rounds: int = Field(
+        7, ge=3, description="Interleaved timing rounds: each round times every candidate once, in a rotating order, so a "
+                             "disturbance hits all candidates alike instead of one.")
+    price_quantile: float = Field(
+        0.25, gt=0, lt=0.5, description="Capacity is priced on this low quantile of the per-round throughputs (robust to one "
+                                        "disturbed round); the band reported is [q, 1-q].")
 class SearchSettings(_Section):
     """Sensitivity analysis and the mixed-precision search built on it."""
 
@@ -195,6 +203,8 @@ class QualityBar(_Section):
 
     max_relative_accuracy_loss: float = Field(0.015, ge=0, lt=1, description="Largest accuracy loss vs FP32, relative (0.015 = 1.5%).")
     max_hard_slice_relative_loss: float = Field(0.05, ge=0, lt=1, description="Largest hard-slice accuracy loss vs FP32, relative.")
+    min_accuracy: float | None = Field(
+        None, ge=0, le=1, description="Optional absolute accuracy floor: a worse source version can never lower production quality below it.")
     max_p95_latency_ms: float | None = Field(None, gt=0, description="Optional batch-1 p95 latency limit in ms.")
     gate: Literal["interval", "point"] = Field(
         "interval", description="'interval': the upper end of the paired bootstrap interval of the loss must be within the bar; 'point': the estimate alone.")

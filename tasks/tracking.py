@@ -18,7 +18,6 @@ from typing import Iterator
 
 from tasks.errors import ModelSourceError, RequantError
 from tasks.locking import exclusive
-from tasks.selection import ProductionModel
 from tasks.settings import RegistrySettings
 
 # Tags that tie a registered version to what produced it.
@@ -34,6 +33,14 @@ TAG_DATA_VERSION = "requant.data_version"
 TAG_ACCURACY = "requant.accuracy"
 TAG_MONTHLY_COST = "requant.monthly_cost_usd"
 TAG_FAILURE = "requant.failure"
+TAG_MODEL_SHA256 = "requant.model_sha256"
+TAG_PARENT_RUN = "requant.parent_run_id"
+TAG_PROMOTED_VERSION = "requant.promoted_version"
+# "pending" once the decision is recorded and before the alias moves, "done" after the read-back.
+TAG_PROMOTION = "requant.promotion"
+# host:pid:start-time of the process that runs a run, so a later run can tell a dead one from a live one.
+TAG_PROCESS = "requant.process"
+TAG_RECONCILED = "requant.reconciled"
 DECISION_FILE = "decision.json"
 PIP_REQUIREMENTS = ["onnxruntime==1.32.0", "onnx==1.23.2"]
 
@@ -48,6 +55,43 @@ def _quiet_mlflow() -> None:
 def tracking_uri(settings: RegistrySettings) -> str:
     """MLFLOW_TRACKING_URI wins over params.yaml, as MLflow users expect."""
     return os.environ.get("MLFLOW_TRACKING_URI") or settings.tracking_uri
+
+
+@dataclass(frozen=True)
+class ProductionVersion:
+    """The version behind the production alias, downloaded so it can be measured in this run."""
+
+    version: str
+    tags: dict[str, str]
+    model_path: Path  # its ONNX graph
+
+
+def process_identity() -> str:
+    """host:pid:start-time of this process (the start time tells a reused pid from the original)."""
+    import socket
+
+    import psutil
+
+    return f"{socket.gethostname()}:{os.getpid()}:{psutil.Process().create_time():.0f}"
+
+
+def process_is_gone(identity: str) -> bool:
+    """Whether the process named by `process_identity()` on this host has ended.
+
+    A process on another host cannot be checked from here: it counts as alive.
+    """
+    import socket
+
+    import psutil
+
+    host, _, rest = identity.partition(":")
+    pid, _, started = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        return f"{psutil.Process(int(pid)).create_time():.0f}" != started
+    except psutil.NoSuchProcess:
+        return True
 
 
 @dataclass(frozen=True)
@@ -112,7 +156,7 @@ class Tracker:
         Only a run that reached a decision gets TAG_KEY, so a crashed or failed run never counts as
         "already decided" and is simply redone next time.
         """
-        run = self.client.create_run(self.experiment_id(), run_name=run_name, tags=tags)
+        run = self.client.create_run(self.experiment_id(), run_name=run_name, tags={**tags, TAG_PROCESS: process_identity()})
         run_id = run.info.run_id
         try:
             yield run_id
@@ -191,15 +235,21 @@ class Tracker:
     def register_source(self, folder: Path, name: str, alias: str, run_name: str,
                         params: dict, metrics: dict[str, float]) -> str:
         """Log a model folder (safetensors + card) in a run and register it as a new version; return the version."""
-        run = self.client.create_run(self.experiment_id(), run_name=run_name, tags={"requant.kind": "train"})
+        run = self.client.create_run(self.experiment_id(), run_name=run_name,
+                                     tags={"requant.kind": "train", TAG_PROCESS: process_identity()})
         run_id = run.info.run_id
-        self.log_params(run_id, params)
-        self.log_metrics(run_id, metrics)
-        self.client.log_artifacts(run_id, str(folder), "model")
-        self._ensure_registered_model(name)
-        version = self.client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run_id,
-                                                   tags={TAG_ACCURACY: f"{metrics.get('test_accuracy', float('nan')):.6f}"})
-        self.client.set_registered_model_alias(name, alias, version.version)
+        try:
+            self.log_params(run_id, params)
+            self.log_metrics(run_id, metrics)
+            self.client.log_artifacts(run_id, str(folder), "model")
+            self._ensure_registered_model(name)
+            version = self.client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run_id,
+                                                       tags={TAG_ACCURACY: f"{metrics.get('test_accuracy', float('nan')):.6f}"})
+            self.client.set_registered_model_alias(name, alias, version.version)
+        except BaseException as exc:  # a train run never stays RUNNING after a failure
+            self.client.set_tag(run_id, TAG_FAILURE, str(exc)[:5000])
+            self.client.set_terminated(run_id, "FAILED")
+            raise
         self.client.set_terminated(run_id, "FINISHED")
         return str(version.version)
 
@@ -262,36 +312,120 @@ class Tracker:
         )
         return {"run_id": runs[0].info.run_id, **runs[0].data.tags} if runs else None
 
-    def production(self) -> tuple[object, ProductionModel] | None:
-        """The version behind the production alias of the serving model, if set."""
+    def production(self):
+        """The ModelVersion behind the production alias of the serving model, or None if the alias is unset."""
         from mlflow.exceptions import MlflowException
 
         try:
-            version = self.client.get_model_version_by_alias(self.settings.serving_model_name, self.settings.production_alias)
+            return self.client.get_model_version_by_alias(self.settings.serving_model_name, self.settings.production_alias)
         except MlflowException:
             return None
-        tags = version.tags
-        record = ProductionModel(version=str(version.version), accuracy=float(tags.get(TAG_ACCURACY, "nan")),
-                                 monthly_cost_usd=float(tags.get(TAG_MONTHLY_COST, "inf")))
-        return version, record
 
-    def promote(self, model_uri: str, tags: dict[str, str], lock_dir: Path) -> str:
-        """Register the winner, move the production alias to it, and check the alias reads back.
+    def fetch_production(self, dst: Path) -> ProductionVersion | None:
+        """Download the production version's ONNX graph so this run can measure it side by side.
 
-        Promotions are serialised by an exclusive file lock: aliases are last-writer-wins, so two
-        runs must never interleave register -> set alias. A version already registered for the
-        same decision key is reused, never duplicated.
+        Returns None when no version is behind the alias. A version whose artifacts hold no ONNX
+        graph raises: production must be measured, never assumed from stale tags.
+
+        Raises:
+            RequantError: the production version's model cannot be downloaded or holds no .onnx file.
         """
-        name, alias = self.settings.serving_model_name, self.settings.production_alias
+        version = self.production()
+        if version is None:
+            return None
+        target = Path(dst) / f"{self.settings.serving_model_name}-v{version.version}"
+        if not any(target.rglob("*.onnx")):
+            partial = target.with_name(f".{target.name}.partial")
+            import shutil
+
+            shutil.rmtree(partial, ignore_errors=True)
+            try:
+                self._mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"models:/{self.settings.serving_model_name}/{version.version}", dst_path=str(partial))
+            except Exception as exc:
+                raise RequantError(f"cannot download production version {version.version} to measure it: "
+                                   f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+            shutil.rmtree(target, ignore_errors=True)
+            partial.rename(target)
+        graphs = sorted(target.rglob("*.onnx"), key=lambda p: (p.name != "model.onnx", -p.stat().st_size))
+        if not graphs:
+            raise RequantError(f"production version {version.version} of {self.settings.serving_model_name} holds no ONNX "
+                               "graph to measure: move the alias to a version requant registered")
+        return ProductionVersion(version=str(version.version), tags=dict(version.tags), model_path=graphs[0])
+
+    def register_winner(self, model_uri: str, tags: dict[str, str], lock_dir: Path) -> str:
+        """Register the winner as a version of the serving model, without moving any alias; return the version.
+
+        A version already registered for the same decision key is reused, never duplicated (a
+        rerun after an interrupted promotion finds it).
+        """
+        name = self.settings.serving_model_name
         with exclusive(lock_dir, f"promote-{name}"):
             self._ensure_registered_model(name)
             existing = self.client.search_model_versions(f"name = '{name}' and tags.`{TAG_KEY}` = '{tags[TAG_KEY]}'")
             version = existing[0] if existing else self._mlflow.register_model(model_uri, name, tags=tags)
-            self.client.set_registered_model_alias(name, alias, version.version)
-            now = self.client.get_model_version_by_alias(name, alias)
-            if str(now.version) != str(version.version):
-                raise RequantError(f"alias {name}@{alias} reads back version {now.version}, expected {version.version}")
         return str(version.version)
+
+    def move_alias(self, version: str, lock_dir: Path) -> None:
+        """Move the production alias to `version` and check that it reads back.
+
+        The last step of a promotion: the decision record is written before it, so an alias never
+        points at a version whose decision is missing. Promotions are serialised by an exclusive
+        file lock: aliases are last-writer-wins.
+        """
+        name, alias = self.settings.serving_model_name, self.settings.production_alias
+        with exclusive(lock_dir, f"promote-{name}"):
+            self.client.set_registered_model_alias(name, alias, version)
+            now = self.client.get_model_version_by_alias(name, alias)
+            if str(now.version) != str(version):
+                raise RequantError(f"alias {name}@{alias} reads back version {now.version}, expected {version}")
+
+    def promote(self, model_uri: str, tags: dict[str, str], lock_dir: Path) -> str:
+        """Register the winner and move the production alias to it (both steps at once); return the version."""
+        version = self.register_winner(model_uri, tags, lock_dir)
+        self.move_alias(version, lock_dir)
+        return version
+
+    def reconcile_stale_runs(self) -> list[dict[str, str]]:
+        """Close RUNNING runs whose process is gone, finishing an interrupted promotion's record.
+
+        A run killed after its decision was recorded and the alias moved is complete: it is marked
+        FINISHED (tagged as reconciled). One killed before the alias moved is marked FAILED, so its
+        decision key does not count as decided and the next run decides again (the version it
+        registered is reused). Any other dead run (and its RUNNING candidate runs) is marked FAILED
+        with the reason. Runs of live processes, and of processes on other hosts, are left alone.
+
+        Returns:
+            One {"run_id", "status", "reason"} per run closed.
+        """
+        found = self.client.get_experiment_by_name(self.settings.experiment)
+        if not found:
+            return []
+        running = self.client.search_runs([found.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                          max_results=1000)
+        by_id = {r.info.run_id: r for r in running}
+        alias_version = self.production()
+        closed = []
+        for run in running:
+            identity = run.data.tags.get(TAG_PROCESS)
+            parent_id = run.data.tags.get("mlflow.parentRunId")
+            if identity is None and parent_id in by_id:
+                identity = by_id[parent_id].data.tags.get(TAG_PROCESS)  # a candidate run of that parent
+            if identity is None or not process_is_gone(identity):
+                continue
+            promoted = run.data.tags.get(TAG_PROMOTED_VERSION)
+            if promoted and alias_version is not None and str(alias_version.version) == promoted:
+                status, reason = "FINISHED", f"process {identity} died after the alias moved to version {promoted}; promotion complete"
+                self.client.set_tag(run.info.run_id, TAG_PROMOTION, "done")
+                self.client.set_tag(run.info.run_id, TAG_RECONCILED, reason)
+            else:
+                status = "FAILED"
+                reason = (f"process {identity} died before the alias moved to version {promoted}; the next run decides again"
+                          if promoted else f"process {identity} died before the run finished")
+                self.client.set_tag(run.info.run_id, TAG_FAILURE, reason)
+            self.client.set_terminated(run.info.run_id, status)
+            closed.append({"run_id": run.info.run_id, "status": status, "reason": reason})
+        return closed
 
     def register_webhook(self, url: str, secret: str, name: str = "requant-retune") -> str:
         """Create (or replace) the registry webhook for model_version.created; return its id.

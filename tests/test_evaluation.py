@@ -1,15 +1,37 @@
 import numpy as np
 
-from tasks.evaluation import hard_slice, quality_metrics
+from tasks.evaluation import (
+    hard_slice,
+    least_confident_classes,
+    quality_metrics,
+    stratified_holdout,
+)
 
 
-def test_hard_slice_takes_smallest_margins_and_worst_class():
-    # Rows 0-3 are class 0 (all right), rows 4-7 class 1 (half wrong: the worst class).
-    logits = np.array([[5, 0], [4, 0], [3, 2.9], [6, 0], [0, 5], [2, 0], [0, 3], [1, 0.95]], dtype=np.float32)
-    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
-    idx = hard_slice(logits, y, margin_fraction=0.25, worst_classes=1)
-    # The two smallest margins are rows 2 (0.1) and 7 (0.05); class 1 adds rows 4-7.
-    assert idx.tolist() == [2, 4, 5, 6, 7]
+def test_hard_slice_takes_the_hard_intents_and_the_length_tails_without_predictions():
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2])
+    lengths = np.array([5, 9, 7, 30, 8, 6, 12, 10, 3, 11])
+    idx = hard_slice(y, lengths, hard_classes=np.array([1]), length_fraction=0.1)
+    # Class 1 is rows 4-7; the shortest row is 8 (3 tokens), the longest row 3 (30 tokens).
+    assert idx.tolist() == [3, 4, 5, 6, 7, 8]
+
+
+def test_least_confident_classes_ranks_by_mean_margin_on_the_given_rows():
+    # Class 0: confident (margin ~1); class 1: near-ties; class 2: in between.
+    logits = np.array([[9, 0, 0], [8, 0, 0], [0, 1, 0.9], [0, 1.1, 1.0], [0, 0, 3], [0, 1, 3]], dtype=np.float32)
+    y = np.array([0, 0, 1, 1, 2, 2])
+    assert least_confident_classes(logits, y, 1).tolist() == [1]
+    assert least_confident_classes(logits, y, 2).tolist() == [1, 2]
+    assert least_confident_classes(logits, y, 0).tolist() == []
+
+
+def test_stratified_holdout_holds_out_each_class_and_never_overlaps():
+    labels = ["a"] * 40 + ["b"] * 10 + ["c"] * 1
+    kept, held = stratified_holdout(labels, 0.3, seed=0)
+    assert len(np.intersect1d(kept, held)) == 0 and len(kept) + len(held) == len(labels)
+    held_labels = [labels[i] for i in held]
+    assert held_labels.count("a") == 12 and held_labels.count("b") == 3 and "c" not in held_labels
+    assert stratified_holdout(labels, 0.3, seed=0)[1].tolist() == held.tolist()  # reproducible
 
 
 def test_quality_metrics_agreement_and_accuracy():

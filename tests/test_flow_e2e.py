@@ -13,8 +13,8 @@ from tests.conftest import banking77_slice, make_project
 
 pytestmark = pytest.mark.e2e
 
-FAST_EVALUATE = {"latency_runs": 20, "latency_repeats": 2, "warmup_runs": 3, "throughput_batches": 2,
-                 "throughput_repeats": 3, "throughput_batch_size": 16}
+FAST_EVALUATE = {"latency_runs": 20, "warmup_runs": 3, "throughput_batches": 2,
+                 "timing_rounds": 3, "throughput_batch_size": 16}
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +55,16 @@ def test_flow_logs_every_candidate_as_a_nested_run_with_the_same_metrics(project
     assert len(grid) == 9 and "int8-dynamic[per_channel=true,graph=plain]" in grid  # the declared grid, expanded
     assert grid <= names and all(n.startswith("search-keep-fp32-k") for n in names - grid)
     measured = [r for r in children if r.info.status == "FINISHED"]
-    assert len({frozenset(r.data.metrics) for r in measured}) == 1  # same names side by side in the UI
-    assert {"accuracy", "macro_f1", "hard_slice_accuracy", "latency_p95_ms", "throughput_per_s", "size_mb",
-            "peak_memory_mb", "monthly_cost_usd"} <= set(measured[0].data.metrics)
+    # Same names side by side in the UI (only the winner adds its confirmation on held-out rows).
+    assert len({frozenset(k for k in r.data.metrics if not k.startswith("confirmation_")) for r in measured}) == 1
+    assert {"accuracy", "macro_f1", "hard_slice_accuracy", "hard_slice_relative_loss", "hard_slice_relative_loss_high",
+            "latency_p95_ms", "throughput_per_s", "size_mb", "peak_memory_mb", "monthly_cost_usd", "passed_bar",
+            "is_winner"} <= set(measured[0].data.metrics)
+    verdicts = {r.info.run_name: r.data.tags["requant.verdict"] for r in children}
+    assert verdicts[first_run.winner] == "winner" and set(verdicts.values()) <= {"winner", "pass", "fail"}
+    # Memory is each model's own: the FP32 graph (~90 MB) needs more than dynamic INT8 (~23 MB).
+    memory = {r.info.run_name: r.data.metrics["peak_memory_mb"] for r in measured}
+    assert memory["fp32"] > memory["int8-dynamic[per_channel=true,graph=plain]"] + 20
     assert all(r.inputs.dataset_inputs and r.inputs.dataset_inputs[0].dataset.name == "evaluation" for r in children)
     assert parent.data.tags[tracking.TAG_DATA_VERSION] == children[0].data.tags[tracking.TAG_DATA_VERSION]
 
@@ -78,7 +85,14 @@ def test_decision_record_agrees_with_the_logged_metrics(project, first_run):
     cheaper = [n for n in passing if record["candidates"][n]["monthly_cost_usd"] < record["candidates"][winner]["monthly_cost_usd"]]
     # A cheaper passing candidate may only lose when its throughput is within noise of the winner's.
     for name in cheaper:
+        assert record["verdicts"][name]["on_speed_frontier"]
         assert "within measured noise" in record["verdicts"][name]["reason"]
+    # The winner was confirmed on rows that took no part in choosing it; both numbers are on record.
+    confirmation = record["confirmation"]
+    assert confirmation["candidate"] == winner and confirmation["passed_bar"]
+    assert confirmation["rows"] == record["rows"]["confirmation"] > 0
+    assert record["rows"]["selection"] + record["rows"]["confirmation"] == 8 * 25
+    assert len(record["hard_slice_intents"]) == 5
 
 
 def test_production_alias_points_at_the_winner_with_its_lineage(project, first_run):
@@ -90,6 +104,15 @@ def test_production_alias_points_at_the_winner_with_its_lineage(project, first_r
     assert version.tags[tracking.TAG_SOURCE_URI] == "models:/minilm-banking77@champion"
     assert version.tags[tracking.TAG_SOURCE_VERSION] == "1"
     assert version.tags[tracking.TAG_DATA_VERSION] == client.get_run(first_run.parent_run_id).data.tags[tracking.TAG_DATA_VERSION]
+
+
+def test_the_decision_is_recorded_before_the_alias_moves(project, first_run):
+    _, client = project
+    parent = client.get_run(first_run.parent_run_id)
+    assert parent.data.tags[tracking.TAG_PROMOTED_VERSION] == first_run.promoted_version
+    assert parent.data.tags[tracking.TAG_PROMOTION] == "done"
+    version = client.get_model_version("minilm-banking77-serving", first_run.promoted_version)
+    assert version.tags[tracking.TAG_PARENT_RUN] == first_run.parent_run_id
 
 
 def test_running_again_with_the_same_inputs_changes_nothing(project, first_run):
@@ -120,3 +143,18 @@ def test_data_that_fails_validation_stops_the_run_and_leaves_production(project,
                                 filter_string="attributes.status = 'FAILED'")
     assert any("data validation failed" in r.data.tags.get(tracking.TAG_FAILURE, "") for r in failed)
     assert str(client.get_model_version_by_alias("minilm-banking77-serving", "production").version) == first_run.promoted_version
+
+
+# Last: it makes a newer decision for the same key than first_run's.
+def test_forced_rerun_measures_production_side_by_side_and_keeps_it(project, first_run):
+    from flows.requantize import requantize
+
+    root, client = project
+    before = client.search_model_versions("name = 'minilm-banking77-serving'")
+    again = requantize(params_path=str(root / "params.yaml"), force=True)
+    production = f"production-v{first_run.promoted_version}"
+    assert production in again.decision["candidates"]
+    assert again.decision["candidates"][production]["is_production"]
+    assert again.decision["candidates"][production]["throughput_per_s"] > 0  # measured in this run, not read from tags
+    assert again.outcome == "kept-production", again.decision["summary"]
+    assert len(client.search_model_versions("name = 'minilm-banking77-serving'")) == len(before)

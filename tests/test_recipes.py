@@ -1,5 +1,7 @@
 """Every recipe on a tiny random BERT: it builds, runs, stays finite, and really lowers precision."""
 
+import hashlib
+
 import numpy as np
 import onnx
 import pandas as pd
@@ -26,7 +28,7 @@ def reference(tiny_model_folder, tmp_path_factory):
 
     labels = read_model_card(tiny_model_folder).labels
     frame = pd.DataFrame({"text": TEXTS, "label": [labels[i % len(labels)] for i in range(len(TEXTS))]})
-    evaluate = EvaluateSettings(latency_runs=10, latency_repeats=2, throughput_batches=1, throughput_batch_size=4)
+    evaluate = EvaluateSettings(latency_runs=10, throughput_batches=1, throughput_batch_size=4)
     return prepare_reference(tiny_model_folder, frame, frame, tmp_path_factory.mktemp("work"), ModelSettings(),
                              evaluate, calibration_batch_size=4)
 
@@ -122,3 +124,125 @@ def test_every_recipe_lists_its_config_fields():
 def test_parse_config_refuses_a_typo_with_the_field_list():
     with pytest.raises(RecipeError, match="per_chanel.*fields: .*per_channel"):
         parse_config("int8-dynamic", {"per_chanel": True})
+
+
+def test_build_candidate_rebuilds_a_truncated_cached_model(reference, tmp_path):
+    spec = CandidateSpec(name="d", recipe="int8-dynamic", config={})
+    first = build_candidate(spec, reference, "tiny", tmp_path)
+    data = first.model_path.read_bytes()
+    first.model_path.write_bytes(data[: len(data) // 3])
+    again = build_candidate(spec, reference, "tiny", tmp_path)
+    assert not again.reused and again.error is None
+    assert "sha256" in again.rebuilt_because
+    assert again.model_path.read_bytes() == data
+
+
+def test_build_candidate_rebuilds_when_an_fp32_graph_is_swapped_into_an_int8_folder(reference, tmp_path):
+    import shutil
+
+    spec = CandidateSpec(name="d", recipe="int8-dynamic", config={})
+    first = build_candidate(spec, reference, "tiny", tmp_path)
+    shutil.copy(reference.inputs.fp32_model, first.model_path)
+    again = build_candidate(spec, reference, "tiny", tmp_path)
+    assert not again.reused and again.lowered_nodes > 0
+    assert again.model_sha256 != hashlib.sha256(reference.inputs.fp32_model.read_bytes()).hexdigest()
+
+
+def test_candidate_hash_follows_the_calibration_set_only_for_calibrated_recipes(reference):
+    from dataclasses import replace
+
+    from tasks.recipes.base import config_hash, parse_config
+
+    other = replace(reference.inputs, calibration_feeds=reference.inputs.calibration_feeds[:1])
+    assert other.calibration_digest() != reference.inputs.calibration_digest()
+    for recipe, changes in (("int8-static", True), ("int8-dynamic", False)):
+        config = parse_config(recipe, {})
+        hashes = {config_hash(recipe, config, "src", inputs.calibration_digest()) for inputs in (reference.inputs, other)}
+        assert (len(hashes) == 2) is changes
+
+
+def test_time_candidates_interleaves_rounds_and_a_failing_session_fails_alone(reference, tmp_path):
+    from tasks.benchmark import time_interleaved
+    from tasks.settings import EvaluateSettings
+
+    class Broken:
+        def run(self, *_):
+            raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : boom")
+
+    from tasks.evaluation import onnx_session
+
+    settings = EvaluateSettings(latency_runs=12, warmup_runs=1, throughput_batches=1, throughput_batch_size=4, timing_rounds=3)
+    sessions = {"fp32": onnx_session(reference.inputs.fp32_model, 1), "broken": Broken()}
+    samples = time_interleaved(sessions, reference.latency_feeds, reference.throughput_feeds, settings)
+    assert len(samples["fp32"].throughput_per_s) == 3 and len(samples["fp32"].latency_ms) == 3
+    assert samples["fp32"].error is None and "RUNTIME_EXCEPTION" in samples["broken"].error
+
+
+def test_peak_memory_is_the_models_own_not_the_parents(reference):
+    import numpy as np
+
+    from tasks.benchmark import peak_memory_mb
+
+    ballast = np.ones(400 * 2**20 // 8)  # 400 MB in this process: a probe inheriting it would report more
+    memory = peak_memory_mb(reference.inputs.fp32_model, reference.throughput_feeds[0], 1)
+    assert 0 < memory < 200 and ballast.sum() > 0
+
+
+def test_two_builds_of_the_same_config_at_once_share_one_folder(reference, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    specs = [CandidateSpec(name=f"twin{i}", recipe="int8-dynamic", config={"per_channel": True}) for i in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        built = list(pool.map(lambda spec: build_candidate(spec, reference, "tiny", tmp_path), specs))
+    assert all(b.error is None for b in built)
+    assert built[0].model_path == built[1].model_path and sorted(b.reused for b in built) == [False, True]
+
+
+def test_an_onnxruntime_failure_is_the_candidates_error_not_the_runs(reference, tmp_path):
+    from onnx import TensorProto, helper
+
+    from tasks.candidates import BuiltCandidate, score_candidate
+    from tasks.settings import QualityBar
+
+    # A valid graph without a "logits" output: ONNX Runtime raises its own exception type.
+    graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["out"])], "g",
+                              [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"]),
+                               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"])],
+                              [helper.make_tensor_value_info("out", TensorProto.INT64, ["b", "s"])])
+    path = tmp_path / "odd.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    measured = score_candidate(BuiltCandidate("odd", "fp32", "fp32", {}, "h", model_path=path), reference,
+                               EvaluateSettings(), QualityBar())
+    assert measured.error and measured.quality is None
+    assert not measured.for_selection().accuracy  # selection sees a failed candidate
+
+
+def test_memory_probe_failure_is_one_clear_error(reference, tmp_path):
+    from tasks.benchmark import peak_memory_mb
+    from tasks.errors import RequantError
+
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a model")
+    with pytest.raises(RequantError, match="memory probe failed on garbage.onnx"):
+        peak_memory_mb(garbage, reference.throughput_feeds[0], 1)
+
+
+def test_nan_logits_on_evaluation_rows_fail_the_candidate_closed(reference, tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tasks.candidates import BuiltCandidate, score_candidate
+    from tasks.settings import QualityBar
+
+    axes = numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["input_ids"], ["f"], to=TensorProto.FLOAT),
+         helper.make_node("ReduceMean", ["f", "axes"], ["m"], keepdims=1),
+         helper.make_node("Neg", ["m"], ["n"]), helper.make_node("Log", ["n"], ["logits"])],  # log of a negative: NaN
+        "nan", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"]),
+                helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", 1])], [axes])
+    path = tmp_path / "nan.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    measured = score_candidate(BuiltCandidate("nan", "fp32", "fp32", {}, "h", model_path=path), reference,
+                               EvaluateSettings(), QualityBar())
+    assert "logits are NaN/inf" in measured.error

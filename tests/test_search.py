@@ -2,7 +2,10 @@
 
 import itertools
 
-from tasks.search import Budget, SmallestKeptPrefix, Trial, run_search
+import numpy as np
+import pytest
+
+from tasks.search import Budget, SmallestPassingK, Trial, run_search
 
 BIG = Budget(max_trials=100, max_seconds=1e9)
 
@@ -55,24 +58,56 @@ def test_run_search_nothing_passes_gives_no_best():
     assert result.best is None and result.stop_reason == "no cheaper candidate can still pass"
 
 
-def monotone_table(n, smallest_passing, cost_per_group=10.0):
-    return {k: (k >= smallest_passing, 100 + cost_per_group * k, 0.90 + 0.001 * k) for k in range(n + 1)}
+def table_passing(n, passing, cost_per_group=10.0):
+    return {k: (k in passing, float(k), 0.90 + 0.001 * k) for k in range(n + 1)}
 
 
-def test_smallest_kept_prefix_finds_the_smallest_passing_k_in_log_trials():
-    evaluate, calls = scripted(monotone_table(26, smallest_passing=5))
-    result = run_search(SmallestKeptPrefix(26), evaluate, BIG)
+def test_smallest_passing_k_finds_the_smallest_passing_k_of_a_monotone_table():
+    evaluate, calls = scripted(table_passing(26, set(range(5, 27))))
+    result = run_search(SmallestPassingK(26), evaluate, BIG)
     assert result.best.proposal == 5
-    assert calls[0] == 0 and len(calls) <= 7  # k=0, then a binary search over 26
-    assert result.stop_reason == "no cheaper candidate can still pass"
+    assert calls == [0, 1, 2, 4, 8, 3, 5]  # probes, then the fill-in below the first pass
 
 
-def test_smallest_kept_prefix_stops_after_one_trial_when_everything_quantized_passes():
-    evaluate, calls = scripted(monotone_table(26, smallest_passing=0))
-    assert run_search(SmallestKeptPrefix(26), evaluate, BIG).best.proposal == 0 and calls == [0]
+def test_smallest_passing_k_is_not_fooled_by_a_non_monotone_table():
+    # The script: passing k = {2, 6, 7, 8}; a binary search returned 6.
+    evaluate, calls = scripted(table_passing(26, {2, 6, 7, 8}))
+    result = run_search(SmallestPassingK(26), evaluate, BIG)
+    assert result.best.proposal == 2 and calls == [0, 1, 2]
 
 
-def test_smallest_kept_prefix_when_nothing_passes():
-    evaluate, _ = scripted(monotone_table(8, smallest_passing=99))
-    result = run_search(SmallestKeptPrefix(8), evaluate, BIG)
-    assert result.best is None and len(result.trials) <= 5
+def test_smallest_passing_k_a_failed_build_prunes_nothing_below_a_later_pass():
+    # k=4 "fails" (a build error), k=8 passes, k=3 passes: the answer is 3, not 8.
+    evaluate, calls = scripted(table_passing(26, {3, 8, 9}))
+    result = run_search(SmallestPassingK(26), evaluate, BIG)
+    assert result.best.proposal == 3 and 8 in calls
+
+
+def test_smallest_passing_k_stops_after_one_trial_when_everything_quantized_passes():
+    evaluate, calls = scripted(table_passing(26, set(range(27))))
+    assert run_search(SmallestPassingK(26), evaluate, BIG).best.proposal == 0 and calls == [0]
+
+
+def test_smallest_passing_k_when_nothing_passes_tries_every_k():
+    evaluate, calls = scripted(table_passing(8, set()))
+    result = run_search(SmallestPassingK(8), evaluate, BIG)
+    assert result.best is None and sorted(calls) == list(range(9))
+
+
+def test_smallest_passing_k_reports_what_an_exhausted_budget_left_untried():
+    strategy = SmallestPassingK(26)
+    evaluate, _ = scripted(table_passing(26, {5, 16}))
+    result = run_search(strategy, evaluate, Budget(max_trials=5, max_seconds=1e9))
+    # Tried 0, 1, 2, 4, 8: nothing passed yet, so every other k up to 26 is untried.
+    assert result.best is None and strategy.untried_below_best(result.trials)[:3] == [3, 5, 6]
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_smallest_passing_k_returns_the_true_smallest_on_random_tables(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 30))
+    passing = {k for k in range(n + 1) if rng.random() < rng.uniform(0.05, 0.6)}
+    evaluate, calls = scripted(table_passing(n, passing))
+    result = run_search(SmallestPassingK(n), evaluate, BIG)
+    assert (result.best.proposal if result.best else None) == (min(passing) if passing else None)
+    assert len(calls) == len(set(calls))  # no k is tried twice

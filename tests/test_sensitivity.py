@@ -53,7 +53,7 @@ def test_rank_groups_puts_the_fragile_layer_first(tiny_model_folder, tmp_path):
     labels = read_model_card(folder).labels
     frame = pd.DataFrame({"text": TEXTS * 4, "label": [labels[i % len(labels)] for i in range(len(TEXTS) * 4)]})
     reference = prepare_reference(folder, frame, frame, tmp_path / "work", ModelSettings(),
-                                  EvaluateSettings(latency_runs=10, latency_repeats=2), calibration_batch_size=8)
+                                  EvaluateSettings(latency_runs=10, ), calibration_batch_size=8)
     ranking = rank_groups(reference.inputs.optimized_model, reference.inputs.calibration_feeds, tmp_path / "scratch",
                           per_channel=False, threads=1)
     assert ranking[0].group == "layer.1 ffn-up"
@@ -68,3 +68,17 @@ def test_display_name_reads_like_the_model():
     assert display_name("/encoder/encoder/layer.3/output/dense/MatMul", "MatMul") == "layer.3 ffn-down"
     assert display_name("Attention_2", "Attention") == "layer.2 attention"
     assert display_name("EmbedLayerNormalization_0", "EmbedLayerNormalization") == "embeddings"
+
+
+def test_spread_rows_samples_every_length_not_the_shortest():
+    import numpy as np
+
+    from tasks.sensitivity import spread_rows
+
+    # 10 length-sorted batches of 32 rows, sequence lengths 8, 16, ..., 80.
+    feeds = [{"input_ids": np.zeros((32, 8 * (i + 1)), dtype=np.int64)} for i in range(10)]
+    taken = spread_rows(feeds, 96)
+    lengths = [f["input_ids"].shape[1] for f in taken]
+    assert sum(len(f["input_ids"]) for f in taken) >= 96
+    assert lengths[0] == 8 and lengths[-1] == 80  # both ends of the length range
+    assert spread_rows(feeds, 10_000) == feeds

@@ -70,9 +70,9 @@ def test_fetch_source_rejects_a_folder_that_is_not_a_model(tracker, tmp_path):
 def test_promote_moves_the_alias_and_tags_the_version(tracker, tmp_path):
     uri = logged_candidate(tracker, tmp_path)
     version = tracker.promote(uri, tags("k1"), tmp_path / "locks")
-    current, record = tracker.production()
+    current = tracker.production()
     assert str(current.version) == version
-    assert current.tags[tracking.TAG_KEY] == "k1" and record.accuracy == pytest.approx(0.92)
+    assert current.tags[tracking.TAG_KEY] == "k1" and float(current.tags[tracking.TAG_ACCURACY]) == pytest.approx(0.92)
 
 
 def test_promote_same_decision_key_twice_registers_one_version(tracker, tmp_path):
@@ -100,8 +100,72 @@ def test_concurrent_promotions_are_serialised_and_alias_matches_a_registered_ver
         t.join()
     assert not errors
     assert sorted(results, key=int) == ["1", "2", "3"]
-    assert str(tracker.production()[0].version) in results
+    assert str(tracker.production().version) in results
 
 
 def test_production_is_none_before_any_promotion(tracker):
     assert tracker.production() is None
+
+
+def dead_process_identity():
+    """The identity of a process that has ended (a short-lived child)."""
+    import socket
+    import subprocess
+    import sys
+
+    import psutil
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    started = psutil.Process(child.pid).create_time()
+    child.wait()
+    return f"{socket.gethostname()}:{child.pid}:{started:.0f}"
+
+
+def killed_parent(tracker, extra_tags):
+    """A parent run left RUNNING by a process that died, with one RUNNING candidate run."""
+    run_id = tracker.client.create_run(tracker.experiment_id(),
+                                       tags={tracking.TAG_PROCESS: dead_process_identity(), **extra_tags}).info.run_id
+    child = tracker.candidate_run(run_id, "int8", {})
+    return run_id, child
+
+
+def test_reconcile_completes_a_promotion_whose_alias_had_moved(tracker, tmp_path):
+    version = tracker.promote(logged_candidate(tracker, tmp_path), tags("k1"), tmp_path / "locks")
+    run_id, child = killed_parent(tracker, {tracking.TAG_KEY: "k1", tracking.TAG_PROMOTED_VERSION: version,
+                                            tracking.TAG_PROMOTION: "pending"})
+    closed = {c["run_id"]: c for c in tracker.reconcile_stale_runs()}
+    assert closed[run_id]["status"] == "FINISHED"
+    run = tracker.client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags[tracking.TAG_PROMOTION] == "done"
+    assert tracker.previous_decision("k1")["run_id"] == run_id  # the promotion now counts as decided
+    assert tracker.client.get_run(child).info.status == "FAILED"
+
+
+def test_reconcile_fails_a_decision_whose_alias_never_moved_so_it_is_redone(tracker, tmp_path):
+    version = tracker.register_winner(logged_candidate(tracker, tmp_path), tags("k2"), tmp_path / "locks")
+    run_id, _ = killed_parent(tracker, {tracking.TAG_KEY: "k2", tracking.TAG_PROMOTED_VERSION: version,
+                                        tracking.TAG_PROMOTION: "pending"})
+    tracker.reconcile_stale_runs()
+    run = tracker.client.get_run(run_id)
+    assert run.info.status == "FAILED" and "before the alias moved" in run.data.tags[tracking.TAG_FAILURE]
+    assert tracker.previous_decision("k2") is None and tracker.production() is None
+    # The registered version is kept, and a redo for the same key reuses it.
+    assert tracker.register_winner(logged_candidate(tracker, tmp_path, "again"), tags("k2"), tmp_path / "locks") == version
+
+
+def test_reconcile_leaves_runs_of_live_processes_alone(tracker):
+    live = tracker.client.create_run(tracker.experiment_id(),
+                                     tags={tracking.TAG_PROCESS: tracking.process_identity()}).info.run_id
+    dead, _ = killed_parent(tracker, {})
+    closed = {c["run_id"] for c in tracker.reconcile_stale_runs()}
+    assert dead in closed and live not in closed
+    assert tracker.client.get_run(live).info.status == "RUNNING"
+    assert "died before the run finished" in tracker.client.get_run(dead).data.tags[tracking.TAG_FAILURE]
+
+
+def test_fetch_production_downloads_the_graph_to_measure(tracker, tmp_path):
+    assert tracker.fetch_production(tmp_path / "prod") is None
+    version = tracker.promote(logged_candidate(tracker, tmp_path), tags("k1"), tmp_path / "locks")
+    production = tracker.fetch_production(tmp_path / "prod")
+    assert production.version == version and production.model_path.suffix == ".onnx"
+    assert onnx.load(str(production.model_path)).graph.output[0].name == "logits"

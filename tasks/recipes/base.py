@@ -7,6 +7,7 @@ listing recipes and validating params.yaml stays cheap.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -35,6 +36,15 @@ class QuantizeInputs:
     optimized_model: Path
     calibration_feeds: list[dict[str, np.ndarray]] = field(default_factory=list)
 
+    def calibration_digest(self) -> str:
+        """Content hash of the tokenized calibration feeds (what a calibrated recipe depends on)."""
+        digest = hashlib.sha256()
+        for feed in self.calibration_feeds:
+            for name in sorted(feed):
+                digest.update(name.encode())
+                digest.update(np.ascontiguousarray(feed[name]).tobytes())
+        return digest.hexdigest()[:16]
+
 
 class Recipe(ABC):
     """One way of turning the FP32 graph into a candidate."""
@@ -45,6 +55,8 @@ class Recipe(ABC):
     Config: ClassVar[type[RecipeConfig]] = RecipeConfig
     # Whether the candidate must contain lower-precision nodes (false only for the FP32 reference).
     lowers_precision: ClassVar[bool] = True
+    # Whether the result depends on the calibration set (then a new calibration set means a rebuild).
+    uses_calibration: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -93,11 +105,43 @@ def parse_config(recipe_id: str, raw: dict, candidate: str = "") -> RecipeConfig
         ) from exc
 
 
-def config_hash(recipe_id: str, config: RecipeConfig, source_id: str) -> str:
-    """Content address of a candidate: the same source, recipe and config give the same hash."""
-    payload = json.dumps({"source": source_id, "recipe": recipe_id, "config": config.model_dump(mode="json")},
-                         sort_keys=True)
+def config_hash(recipe_id: str, config: RecipeConfig, source_id: str, calibration_digest: str = "") -> str:
+    """Content address of a candidate.
+
+    Everything that can change the built graph is in it: the source model, the recipe and its
+    config, the recipe's own code, the onnx and onnxruntime versions that run it, and (for a recipe
+    that calibrates) the calibration data. So a data change or an upgrade never reuses a stale build.
+    """
+    cls = recipe_class(recipe_id)
+    payload = json.dumps({"source": source_id, "recipe": recipe_id, "config": config.model_dump(mode="json"),
+                          "code": _recipes_code_digest(), "runtime": runtime_versions(),
+                          "calibration": calibration_digest if cls.uses_calibration else ""}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def runtime_versions() -> dict[str, str]:
+    """Versions of the libraries that build and run candidates (part of every content address)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("onnx", "onnxruntime", "torch", "transformers"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "absent"
+    return found
+
+
+@functools.lru_cache(maxsize=1)
+def _recipes_code_digest() -> str:
+    # Every recipe module: recipes share helpers (int8_dynamic's quantizer, fp32's graph choice), so
+    # any change under tasks/recipes/ counts as a change of every recipe.
+    folder = Path(inspect.getfile(Recipe)).parent
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def describe_recipes() -> list[dict]:

@@ -38,6 +38,7 @@ class Int8Static(Recipe):
     id = "int8-static"
     precision = "int8"
     Config = Int8StaticConfig
+    uses_calibration = True
 
     def run(self, inputs: QuantizeInputs, config: Int8StaticConfig, out_dir: Path) -> Path:
         import onnx

@@ -1,0 +1,90 @@
+"""The steps around selection that make a decision trustworthy: fail-closed checks, production measured
+as a candidate, confirmation on held-out rows, and the decision record of each candidate.
+
+Pure computation over measured candidates (no Prefect, no MLflow calls); the flow wires it.
+"""
+
+from __future__ import annotations
+
+from tasks import tracking
+from tasks.candidates import BuiltCandidate, MeasuredCandidate, confirm, sha256_file
+from tasks.errors import RequantError
+from tasks.reference import Reference
+from tasks.selection import Candidate, Decision, judge
+from tasks.selection import Reference as QualityReference
+from tasks.settings import Settings
+
+
+def check_reference(reference: Reference) -> None:
+    """Fail closed on a reference no loss can be judged against."""
+    if not reference.quality.accuracy > 0:
+        raise RequantError(
+            f"the FP32 reference scores {reference.quality.accuracy:.2%} on the evaluation set: its labels do not match "
+            "the model's classes (or the model is untrained); check data.label_column and the model version")
+
+
+def production_candidate(production: tracking.ProductionVersion) -> BuiltCandidate:
+    """The production version as a candidate, so it is measured in this run like any other."""
+    tags = production.tags
+    return BuiltCandidate(
+        name=f"production-v{production.version}", recipe=tags.get(tracking.TAG_RECIPE, "unknown"),
+        precision=tags.get("requant.precision", "production"), config={}, config_hash=tags.get(tracking.TAG_CONFIG_HASH, ""),
+        model_path=production.model_path, built_by="registry", reused=True, is_production=True,
+        model_sha256=tags.get(tracking.TAG_MODEL_SHA256) or sha256_file(production.model_path))
+
+
+def confirm_winner(winner: MeasuredCandidate | None, decision: Decision, reference: Reference,
+                    settings: Settings) -> dict | None:
+    """Judge the winner again on the confirmation rows; a winner that fails there is not promoted.
+
+    The winner was chosen as the best of many scores on the selection rows, so its score there is
+    biased upwards; the confirmation rows took no part in choosing it.
+    """
+    if winner is None or reference.confirmation is None or not decision.promote:
+        return None
+    try:
+        confirm(winner, reference, settings.quality_bar, settings.evaluate.intra_op_threads)
+    except Exception as exc:  # non-finite logits on the held-out rows: fail closed
+        decision.promote = False
+        decision.summary = f"{winner.built.name} won on the selection rows but failed on the confirmation rows ({exc}); nothing promoted"
+        return {"candidate": winner.built.name, "passed_bar": False, "reason": str(exc)}
+    rows = reference.confirmation
+    held_out = Candidate(
+        name=winner.built.name, recipe=winner.built.recipe, accuracy=winner.confirmation.quality.accuracy,
+        hard_slice_accuracy=winner.confirmation.quality.hard_slice_accuracy,
+        latency_p95_ms=winner.speed.latency_p95_ms if winner.speed else 0.0,
+        accuracy_loss_high=winner.confirmation.accuracy_loss.high if winner.confirmation.accuracy_loss else None,
+        hard_slice_loss_high=winner.confirmation.hard_slice_loss.high if winner.confirmation.hard_slice_loss else None)
+    verdict = judge(held_out, QualityReference(rows.quality.accuracy, rows.quality.hard_slice_accuracy), settings.quality_bar)
+    result = {"candidate": winner.built.name, "rows": int(len(rows.y_true)), "passed_bar": verdict.passed_bar,
+              "fp32_accuracy": rows.quality.accuracy, "fp32_hard_slice_accuracy": rows.quality.hard_slice_accuracy,
+              **winner.confirmation.as_dict(), "relative_accuracy_loss": verdict.relative_accuracy_loss,
+              "hard_slice_relative_loss": verdict.hard_slice_relative_loss, "reason": verdict.reason}
+    if not verdict.passed_bar:
+        decision.promote = False
+        decision.summary = (f"{winner.built.name} won on the selection rows but does not confirm on {len(rows.y_true)} "
+                            f"held-out rows ({verdict.reason}); nothing promoted")
+    return result
+
+
+def same_graph_as_production(winner: MeasuredCandidate | None, decision: Decision,
+                              measured: list[MeasuredCandidate]) -> None:
+    """A winner whose graph is byte-identical to production's is production: nothing to promote."""
+    production = next((m for m in measured if m.built.is_production), None)
+    if decision.promote and winner and production and winner.built.model_sha256 == production.built.model_sha256:
+        decision.promote = False
+        decision.summary = (f"{winner.built.name} is the production model itself ({production.built.name}, "
+                            "same graph sha256); kept production")
+
+
+def candidate_record(m: MeasuredCandidate, reference: Reference) -> dict:
+    """One candidate in decision.json: what it is, how it was built, every number measured."""
+    return {"recipe": m.built.recipe, "config_hash": m.built.config_hash, "built_by": m.built.built_by,
+            "config": m.built.config, "error": m.error, "is_production": m.built.is_production,
+            "model_sha256": m.built.model_sha256, "reused": m.built.reused, "rebuilt_because": m.built.rebuilt_because,
+            "relative_accuracy_loss_interval": m.accuracy_loss.as_list() if m.accuracy_loss else None,
+            "hard_slice_relative_loss_interval": m.hard_slice_loss.as_list() if m.hard_slice_loss else None,
+            "accuracy_gain_vs_production_interval": (m.accuracy_gain_vs_production.as_list()
+                                                     if m.accuracy_gain_vs_production else None),
+            "price_note": m.cost.boundary_note() if m.cost else "",
+            **m.metrics(reference)}
