@@ -6,6 +6,9 @@ import os
 DEFAULTS = {
     # No network here: Prefect's analytics and GX's usage stats would only time out.
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # Prefect's temporary server takes ~18 s to start on an idle 2-core host, and times out at its
+    # default 20 s when the host is busy: a run must not fail for that.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "GX_ANALYTICS_ENABLED": "false",
     # Models load from local folders only; a hub lookup would hang without network.
     "HF_HUB_OFFLINE": "1",
