@@ -61,6 +61,7 @@ def log_candidates(tracker: Tracker, parent_id: str, measured: list[MeasuredCand
         tracker.log_evaluation_input(run_id, evaluation[[TEXT, LABEL]],
                                      source=str(data.evaluation_path), name="evaluation", digest=data.evaluation_md5)
         if b.model_path and not m.error:
-            uris[b.name] = tracker.log_onnx_model(run_id, b.model_path, len(reference.card.labels))
+            uris[b.name] = (tracker.log_serving_model(run_id, b.model_path, reference.serving) if reference.serving
+                            else tracker.log_onnx_model(run_id, b.model_path, len(reference.card.labels)))
         tracker.finish(run_id, failed=bool(m.error))
     return uris

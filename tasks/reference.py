@@ -18,15 +18,10 @@ from tasks.evaluation import (
     quality_metrics,
     tokenized_batches,
 )
-from tasks.model_io import (
-    ENCODER_DIR,
-    ModelCard,
-    export_onnx,
-    load_classifier,
-    tokenize,
-)
-from tasks.onnx_graph import encoder_shape, optimize_graph
+from tasks.model_io import ModelCard, tokenize
+from tasks.models.base import open_model
 from tasks.recipes.base import QuantizeInputs
+from tasks.serving import ServingAssets
 from tasks.settings import EvaluateSettings, ModelSettings
 
 
@@ -45,6 +40,8 @@ class Reference:
     proof_feeds: list[dict[str, np.ndarray]]
     latency_feeds: list[dict[str, np.ndarray]]
     throughput_feeds: list[dict[str, np.ndarray]]
+    # Tokenizer and labels that turn a candidate graph into the served text-in model.
+    serving: ServingAssets | None = None
 
     @property
     def predictions(self) -> np.ndarray:
@@ -55,10 +52,13 @@ class Reference:
 def prepare_reference(source_folder: Path, evaluation: pd.DataFrame, calibration: pd.DataFrame, work_dir: Path,
                       model: ModelSettings, evaluate: EvaluateSettings, calibration_batch_size: int) -> Reference:
     """Export and fuse the FP32 graph, score PyTorch eager FP32, and tokenize everything once."""
-    classifier, tokenizer, card = load_classifier(source_folder)
-    fp32_path = export_onnx(classifier, tokenizer, work_dir / "fp32" / "model.onnx", card.max_length, model.onnx_opset)
-    heads, hidden = encoder_shape(source_folder / ENCODER_DIR)
-    optimized_path = optimize_graph(fp32_path, work_dir / "fp32-optimized" / "model.onnx", heads, hidden)
+    # The model family (tasks/models/) loads, exports and tokenizes; everything below is family-agnostic.
+    family = open_model(source_folder, model.family, model.max_length, model.allow_pickle_weights)
+    classifier, tokenizer = family.load_reference(), family.tokenizer
+    card = ModelCard(labels=family.class_names_for(evaluation[LABEL]), max_length=family.max_length)
+    fp32_path = family.export_onnx(work_dir / "fp32" / "model.onnx", model.onnx_opset)
+    optimized_path = family.optimize(fp32_path, work_dir / "fp32-optimized" / "model.onnx")
+    serving = ServingAssets(family.save_tokenizer(work_dir / "tokenizer"), family.labels, family.max_length)
 
     texts = evaluation[TEXT].tolist()
     batches = tokenized_batches(tokenizer, texts, card.max_length, evaluate.batch_size)
@@ -90,4 +90,5 @@ def prepare_reference(source_folder: Path, evaluation: pd.DataFrame, calibration
         proof_feeds=[batches[-1][1], stress],
         latency_feeds=[tokenize(tokenizer, [t], card.max_length) for t in latency_texts],
         throughput_feeds=throughput_feeds,
+        serving=serving,
     )
