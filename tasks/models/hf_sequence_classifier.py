@@ -192,11 +192,11 @@ class HfSequenceClassifier(ModelFamily):
         from tasks.onnx_graph import check_external_data
 
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        # Optimum writes config and tokenizer copies beside the graph; only the graph is kept.
+        # check() has refused pickle-only folders unless allowed, so Optimum's own loading is safe here.
+        # It writes config and tokenizer copies beside the graph; only the graph is kept.
         with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
             main_export(str(self.model_dir), output=tmp, task=TASK, opset=opset, device="cpu", local_files_only=True,
-                        trust_remote_code=False, do_validation=False, library_name="transformers",
-                        model_kwargs={"use_safetensors": None if self.allow_pickle_weights else True})
+                        trust_remote_code=False, do_validation=False, library_name="transformers")
             exported = Path(tmp) / "model.onnx"
             check_external_data(exported)
             for data_file in Path(tmp).glob("model.onnx*"):
