@@ -115,7 +115,7 @@ def fine_tune(model, tokenizer, texts: Sequence[str], targets: np.ndarray, setti
             optimizer.step()
             schedule.step()
             step += 1
-            window.append(float(loss))
+            window.append(loss.item())
             if step % report_every == 0 or step == steps:
                 curve.append(float(np.mean(window)))
                 window = []
