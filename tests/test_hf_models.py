@@ -57,6 +57,19 @@ def candidate_model_uri(client, parent_run_id: str, candidate: str) -> str:
     return f"models:/{run.outputs.model_outputs[0].model_id}"
 
 
+def triggered_model_uri(params_path: str, name: str, version: str) -> str:
+    """The model_uri the deployment's webhook trigger (flows/deploy.py) passes for a new version."""
+    from flows.deploy import deployment_options
+    from tasks.settings import load_settings
+
+    settings = load_settings(params_path)
+    settings = settings.model_copy(update={"model": settings.model.model_copy(update={"source_uri": f"models:/{name}@champion"})})
+    trigger = deployment_options(settings, params_path)["triggers"][0]
+    assert trigger.match["prefect.resource.id"] == [f"mlflow.model.{name}"]  # fires for this model only
+    return (trigger.parameters["model_uri"].replace("{{ event.payload.name }}", name)
+            .replace("{{ event.payload.version }}", version))
+
+
 @pytest.fixture(scope="module")
 def promoted(hf_project, prefect_server):
     """Each architecture registered as a transformers-flavor version, then requantized by the flow."""
@@ -67,9 +80,7 @@ def promoted(hf_project, prefect_server):
     for arch in ARCHITECTURES:
         params = params_for(project, arch)
         version = register(params, folders[arch], f"tiny-{arch}")
-        # The URI the webhook trigger passes (flows/deploy.py): models:/NAME/VERSION.
-        runs[arch] = (params, requantize(params_path=params, model_uri=f"models:/tiny-{arch}/{version}"))
-        print(arch, {k: round(v, 1) for k, v in runs[arch][1].phases.items()})
+        runs[arch] = (params, requantize(params_path=params, model_uri=triggered_model_uri(params, f"tiny-{arch}", version)))
     return runs
 
 
@@ -83,6 +94,7 @@ def test_transformers_flavor_version_is_requantized_and_promoted_as_a_text_model
 
     params, summary = promoted[arch]
     assert summary.outcome == "promoted", summary.report
+    assert summary.decision["candidates"]["int8"]["error"] is None  # recipes ran on this architecture's graph
     uri = load_settings(params).registry.tracking_uri
     mlflow.set_tracking_uri(uri)
     served = mlflow.pyfunc.load_model(f"models:/tiny-{arch}-serving@production")
