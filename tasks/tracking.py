@@ -43,6 +43,10 @@ TAG_PROCESS = "requant.process"
 TAG_RECONCILED = "requant.reconciled"
 DECISION_FILE = "decision.json"
 PIP_REQUIREMENTS = ["onnxruntime==1.32.0", "onnx==1.23.2"]
+# What the served text-in model needs (tasks/serving.py); torch is not among them.
+SERVING_REQUIREMENTS = ["onnxruntime==1.32.0", "transformers==4.57.6", "tokenizers==0.22.2", "numpy", "pandas"]
+SERVING_EXAMPLE = ["I lost my card", "how long does a transfer take?"]
+TRANSFORMERS_REQUIREMENTS = ["torch==2.13.0", "transformers==4.57.6", "tokenizers==0.22.2", "safetensors"]
 
 
 def _quiet_mlflow() -> None:
@@ -231,6 +235,43 @@ class Tracker:
             )
         return info.model_uri
 
+    def log_serving_model(self, run_id: str, model_path: Path, serving) -> str:
+        """Log a candidate as the model that is served: an MLflow pyfunc taking raw text.
+
+        The model holds the ONNX graph (artifact `onnx_model`, for teams that run ONNX Runtime
+        directly), the tokenizer and the labels, with a signature and an input example, so
+        `mlflow models serve` answers `{"inputs": ["text", ...]}` with a label and score per text.
+        Its code is tasks/serving_pyfunc.py (models from code: nothing is unpickled when loading).
+
+        Args:
+            run_id: the candidate's run.
+            model_path: the candidate's ONNX file.
+            serving: a `tasks.serving.ServingAssets` (tokenizer folder, labels, max length).
+
+        Returns:
+            The logged model's URI.
+        """
+        import tempfile
+
+        from mlflow.models import ModelSignature
+        from mlflow.types.schema import ColSpec, Schema
+
+        from tasks import serving as serving_module
+
+        code = Path(serving_module.__file__)
+        signature = ModelSignature(inputs=Schema([ColSpec("string")]),
+                                   outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]))
+        with tempfile.TemporaryDirectory() as tmp:
+            card = serving.write_card(Path(tmp) / serving_module.CLASSIFIER_FILE)
+            with self._mlflow.start_run(run_id=run_id, nested=True):
+                info = self._mlflow.pyfunc.log_model(
+                    name="model", python_model=str(code.with_name("serving_pyfunc.py")), code_paths=[str(code)],
+                    artifacts={"onnx_model": str(model_path), "tokenizer": str(serving.tokenizer_dir),
+                               "classifier_card": str(card)},
+                    signature=signature, input_example=SERVING_EXAMPLE, pip_requirements=SERVING_REQUIREMENTS,
+                )
+        return info.model_uri
+
     # ----------------------------------------------------------------- source models
     def register_source(self, folder: Path, name: str, alias: str, run_name: str,
                         params: dict, metrics: dict[str, float]) -> str:
@@ -253,17 +294,48 @@ class Tracker:
         self.client.set_terminated(run_id, "FINISHED")
         return str(version.version)
 
+    def register_transformers(self, folder: Path, name: str, alias: str, run_name: str,
+                              params: dict, metrics: dict[str, float]) -> str:
+        """Log a Hugging Face classifier folder with MLflow's transformers flavor (a text-classification
+        pipeline, safetensors weights) and register it as a new version under `alias`; return the version."""
+        import os
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import (
+            AutoModelForSequenceClassification,
+            AutoTokenizer,
+            pipeline,
+        )
+
+        model = AutoModelForSequenceClassification.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
+        classifier = pipeline("text-classification", model=model,
+                              tokenizer=AutoTokenizer.from_pretrained(str(folder), local_files_only=True), device="cpu")
+        with self._mlflow.start_run(experiment_id=self.experiment_id(), run_name=run_name,
+                                    tags={"requant.kind": "train"}) as run:
+            self.log_params(run.info.run_id, params)
+            self.log_metrics(run.info.run_id, metrics)
+            # pip_requirements given: inferring them costs ~17 s.
+            info = self._mlflow.transformers.log_model(
+                classifier, name="model", pip_requirements=TRANSFORMERS_REQUIREMENTS, input_example=SERVING_EXAMPLE)
+        self._ensure_registered_model(name)
+        version = self._mlflow.register_model(info.model_uri, name,
+                                              tags={TAG_ACCURACY: f"{metrics.get('test_accuracy', float('nan')):.6f}"})
+        self.client.set_registered_model_alias(name, alias, version.version)
+        return str(version.version)
+
     def fetch_source(self, uri: str, dst: Path) -> SourceModel:
         """Materialise the model to requantize as a local folder.
 
         Raises:
             ModelSourceError: the registry has no such model/version/alias, or the path is missing.
         """
-        from tasks.model_io import read_model_card
+        # Any registered model family: requant's own folder, a Hugging Face folder, or an MLflow
+        # transformers-flavor model (model/ + components/tokenizer/), downloaded as it was logged.
+        from tasks.models.base import detect_family
 
         if not uri.startswith("models:/"):
             folder = Path(uri).expanduser().resolve()
-            read_model_card(folder)
+            detect_family(folder)
             return SourceModel(uri=uri, folder=folder, name=None, version=None, digest=folder_digest(folder))
         name, version = self._resolve_version(uri)
         dst.mkdir(parents=True, exist_ok=True)
@@ -272,7 +344,7 @@ class Tracker:
             partial = dst / f".{name}-v{version}.partial"
             self._mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(partial))
             partial.rename(target)
-        read_model_card(target)
+        detect_family(target)
         return SourceModel(uri=uri, folder=target, name=name, version=version, digest=folder_digest(target))
 
     def _resolve_version(self, uri: str) -> tuple[str, str]:

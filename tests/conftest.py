@@ -60,6 +60,53 @@ def tiny_model_folder(tmp_path_factory, minilm_dir) -> Path:
                              ModelCard(labels=labels, max_length=32))
 
 
+TINY_LABELS = ["card_lost", "top_up", "refund", "exchange_rate"]
+
+
+def tiny_hf_classifier(folder: Path, architecture: str, tokenizer_dir: Path, labels: list[str] = TINY_LABELS) -> Path:
+    """Save a tiny random Hugging Face sequence classifier (2 layers, hidden 32) with a BERT tokenizer.
+
+    `architecture` is bert, distilbert or roberta; RoBERTa gets the BERT tokenizer's vocabulary and
+    pad id, so one tokenizer serves all three.
+    """
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        BertConfig,
+        BertForSequenceClassification,
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+    )
+
+    torch.manual_seed(0)
+    names = {"id2label": dict(enumerate(labels)), "label2id": {label: i for i, label in enumerate(labels)}}
+    size = {"vocab_size": 30522, "max_position_embeddings": 130}
+    if architecture == "bert":
+        model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                         intermediate_size=64, **size, **names))
+    elif architecture == "distilbert":
+        model = DistilBertForSequenceClassification(DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                                                     **size, **names))
+    elif architecture == "roberta":
+        model = RobertaForSequenceClassification(RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                               intermediate_size=64, pad_token_id=0, **size, **names))
+    else:
+        raise ValueError(architecture)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    # As each architecture's own tokenizer would: only BERT takes token_type_ids.
+    inputs = ["input_ids", "token_type_ids", "attention_mask"] if architecture == "bert" else ["input_ids", "attention_mask"]
+    AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True, model_input_names=inputs).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_classifier(tmp_path_factory, minilm_dir) -> Path:
+    """A tiny random BertForSequenceClassification folder (safetensors + tokenizer), labels TINY_LABELS."""
+    return tiny_hf_classifier(tmp_path_factory.mktemp("tiny-bert-classifier"), "bert", minilm_dir)
+
+
 def banking77_slice(out_dir: Path, intents: int, train_per_intent: int, test_per_intent: int) -> tuple[Path, Path]:
     """Write a small train/test slice of Banking77: the first `intents` intents, real rows."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -98,9 +145,9 @@ def tiny_project(tmp_path: Path, tiny_model_folder: Path, **sections: dict) -> P
     """A project for quick runs of the tiny model: real Banking77 text relabelled with its classes,
     short benchmarks, two candidates, no search, and a loose bar (a random model has no quality to
     keep, but a winner must exist to promote). `sections` update params.yaml sections."""
-    from tasks.model_io import read_model_card
+    from tasks.models.base import open_model
 
-    labels = read_model_card(tiny_model_folder).labels
+    labels = open_model(tiny_model_folder).labels
     train_csv, test_csv = banking77_slice(tmp_path / "data", intents=len(labels), train_per_intent=30, test_per_intent=25)
     for path in (train_csv, test_csv):
         frame = pd.read_csv(path)

@@ -1,0 +1,71 @@
+"""requant's own format: encoder + mean pooling + L2 norm + a linear head (see tasks/model_io.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tasks.model_io import (
+    ENCODER_DIR,
+    HEAD_FILE,
+    MODEL_CARD,
+    ONNX_INPUTS,
+    ModelCard,
+    build_classifier,
+    export_onnx,
+    read_model_card,
+)
+from tasks.models.base import ModelFamily
+from tasks.onnx_graph import encoder_shape, optimize_graph
+
+
+class RequantHead(ModelFamily):
+    """Encoder + mean pooling + a logistic-regression head, as `requant train` writes it."""
+
+    id = "requant-head"
+    detect_order = 10
+
+    @classmethod
+    def detect(cls, folder: Path) -> bool:
+        return (Path(folder) / MODEL_CARD).is_file()
+
+    def check(self) -> None:
+        self.card = read_model_card(self.folder)
+        if not (self.folder / ENCODER_DIR / "model.safetensors").is_file():
+            from tasks.errors import ModelSourceError
+
+            raise ModelSourceError(f"{self.folder / ENCODER_DIR} holds no model.safetensors: requant model folders "
+                                   "store the encoder as safetensors; re-train it with `requant train`")
+
+    @property
+    def labels(self) -> list[str]:
+        return self.card.labels
+
+    @property
+    def max_length(self) -> int:
+        return self.card.max_length
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return ONNX_INPUTS
+
+    def tokenizer_dir(self) -> Path:
+        return self.folder / ENCODER_DIR
+
+    def load_reference(self):
+        if getattr(self, "_classifier", None) is None:
+            from safetensors.numpy import load_file
+
+            head = load_file(str(self.folder / HEAD_FILE))
+            self._classifier = build_classifier(self.folder / ENCODER_DIR, head["weight"], head["bias"], self.card.normalize)
+        return self._classifier
+
+    def export_onnx(self, out_path: Path, opset: int) -> Path:
+        return export_onnx(self.load_reference(), self.tokenizer, out_path, self.max_length, opset)
+
+    def optimize(self, fp32_path: Path, out_path: Path) -> Path:
+        heads, hidden = encoder_shape(self.folder / ENCODER_DIR)
+        return optimize_graph(fp32_path, out_path, heads, hidden)
+
+    def model_card(self) -> ModelCard:
+        """The card as written by `requant train`."""
+        return self.card
