@@ -3,6 +3,7 @@
     requant train     train a source model (head, or --family hf-finetune) and register it as a version
     requant run       requantize a model version and promote the cheapest candidate that meets the bar
     requant status    show the production model and the last decision
+    requant report    write the last decision (cost analysis, candidates) as markdown and HTML
     requant recipes   list the registered recipes and their config fields
     requant serve     serve the requantize deployment: nightly cron + a run per new model version
     requant webhook-receiver   receive MLflow registry webhooks and emit Prefect events
@@ -43,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="Show the production model and the last decision.")
     status.add_argument("--params", default="params.yaml")
 
+    report = sub.add_parser("report", help="Write the last decision (or --run's) as report.md and report.html.")
+    report.add_argument("--params", default="params.yaml")
+    report.add_argument("--run", default=None, help="A requantize run id (default: the newest that decided).")
+    report.add_argument("--out", default="reports", help="Folder for report.md and report.html.")
+
     sub.add_parser("recipes", help="List recipes and their config fields.")
 
     serve = sub.add_parser("serve", help="Serve the requantize deployment (cron + trigger); needs PREFECT_API_URL.")
@@ -65,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.errors import RequantError
 
     try:
-        commands = {"train": _train, "run": _run, "status": _status, "recipes": _recipes, "serve": _serve,
+        commands = {"train": _train, "run": _run, "status": _status, "report": _report, "recipes": _recipes, "serve": _serve,
                     "webhook-receiver": _webhook_receiver, "register-webhook": _register_webhook}
         return commands[args.command](args)
     except RequantError as exc:
@@ -145,6 +151,23 @@ def _status(args) -> int:
     if last:
         decision = last["decision"]
         print(f"last decision (run {last['run_id']}): {decision['outcome']}: {decision['summary']}")
+    return 0
+
+
+def _report(args) -> int:
+    from pathlib import Path
+
+    from tasks.report import html_page
+    from tasks.settings import load_settings
+    from tasks.tracking import Tracker
+
+    run_id, markdown_text = Tracker(load_settings(args.params).registry).decision_markdown(args.run)
+    out = Path(args.out) / run_id
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(markdown_text)
+    (out / "report.html").write_text(html_page(f"requant decision {run_id}", markdown_text))
+    print(f"markdown: {out / 'report.md'}")
+    print(f"html: {out / 'report.html'}")
     return 0
 
 

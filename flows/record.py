@@ -5,19 +5,26 @@ Thin helpers over the adapter (tasks.tracking) that know requant's domain object
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 
 from tasks import data_version, tracking
 from tasks.candidates import MeasuredCandidate
+from tasks.cost_analysis import CostAnalysis
 from tasks.data_prep import LABEL, TEXT
-from tasks.pareto import Point, frontier_table, plot_frontier
+from tasks.pareto import Point, failure_word, frontier_table, plot_frontier
 from tasks.reference import Reference
+from tasks.report import candidate_markdown, short_names
 from tasks.selection import Decision
 from tasks.sensitivity import GroupSensitivity, plot_ranking
 from tasks.settings import Settings
 from tasks.tracking import Tracker
+from tasks.validation import data_docs_site
 
 
 def flat(prefix: str, values: dict) -> dict[str, object]:
@@ -35,7 +42,8 @@ def log_sensitivity(tracker: Tracker, parent_id: str, ranking: list[GroupSensiti
 def log_pareto(tracker: Tracker, parent_id: str, measured: list[MeasuredCandidate], decision: Decision,
                 settings: Settings, reference: Reference, work_dir: Path) -> None:
     """Cost against accuracy for every measured candidate: a table and a plot with the frontier."""
-    points = [Point(m.built.name, m.cost.monthly_cost_usd, m.quality.accuracy, decision.verdicts[m.built.name].passed_bar)
+    points = [Point(m.built.name, m.cost.monthly_cost_usd, m.quality.accuracy, decision.verdicts[m.built.name].passed_bar,
+                    failure_word(decision.verdicts[m.built.name].reason), m.built.is_production)
               for m in measured if m.cost and m.quality]
     if not points:
         return
@@ -47,29 +55,91 @@ def log_pareto(tracker: Tracker, parent_id: str, measured: list[MeasuredCandidat
 
 
 def log_candidates(tracker: Tracker, parent_id: str, measured: list[MeasuredCandidate], reference: Reference,
-                    evaluation: pd.DataFrame, data: data_version.DataVersion, key: str, decision: Decision) -> dict[str, str]:
-    """One nested run per candidate: params, the same metric names, its verdict, the model, the evaluation input."""
+                   evaluation: pd.DataFrame, calibration: pd.DataFrame, data: data_version.DataVersion, key: str,
+                   decision: Decision) -> dict[str, str]:
+    """One nested run per candidate: a short name, its verdict and why (tags, metrics, description), its
+    params, the same metric names (quality linked to the evaluation set), its model and inputs.
+
+    Each run spans the candidate's own work (build start to last measurement), so its duration in
+    the UI is true even though it is logged after the decision.
+    """
     uris = {}
+    names = short_names([m.built.name for m in measured])
     for m in measured:
         b = m.built
         verdict = decision.verdicts.get(b.name)
         status = "winner" if b.name == decision.winner else ("pass" if verdict and verdict.passed_bar else "fail")
-        run_id = tracker.candidate_run(parent_id, b.name, {
+        run_id = tracker.candidate_run(parent_id, names[b.name], {
             tracking.TAG_RECIPE: b.recipe, tracking.TAG_CANDIDATE: b.name, tracking.TAG_CONFIG_HASH: b.config_hash,
             tracking.TAG_DATA_VERSION: data.version, "requant.precision": b.precision, "requant.parent_key": key,
             "requant.verdict": status, "requant.reason": verdict.reason if verdict else "",
             "requant.is_production": str(b.is_production).lower(),
             **({tracking.TAG_FAILURE: m.error} if m.error else {}),
-        })
+        }, start_time_ms=b.started_at_ms or None)
+        tracker.describe_run(run_id, candidate_markdown(m, decision))
         tracker.log_params(run_id, {"recipe": b.recipe, "precision": b.precision, "config_hash": b.config_hash,
                                     **flat("config", b.config)})
-        tracker.log_metrics(run_id, {**m.metrics(reference), "passed_bar": float(bool(verdict and verdict.passed_bar)),
-                                     "is_winner": float(b.name == decision.winner)})
+        metrics = {**m.metrics(reference), "passed_bar": float(bool(verdict and verdict.passed_bar)),
+                   "is_winner": float(b.name == decision.winner)}
+        quality = {k: v for k, v in metrics.items() if k in QUALITY_METRICS}
+        tracker.log_metrics(run_id, {k: v for k, v in metrics.items() if k not in quality})
+        tracker.log_metrics(run_id, quality, dataset=("evaluation", data.evaluation_md5[:36]))
         tracker.log_evaluation_input(run_id, evaluation[[TEXT, LABEL]],
                                      source=str(data.evaluation_path), name="evaluation", digest=data.evaluation_md5)
+        tracker.log_evaluation_input(run_id, calibration[[TEXT, LABEL]], source=str(data.calibration_path),
+                                     name="calibration", digest=data.calibration_md5, context="calibration")
         # The production copy is already registered; logging its graph again would only duplicate it.
         if b.model_path and not m.error and not b.is_production:
             uris[b.name] = (tracker.log_serving_model(run_id, b.model_path, reference.serving) if reference.serving
                             else tracker.log_onnx_model(run_id, b.model_path, len(reference.card.labels)))
-        tracker.finish(run_id, failed=bool(m.error))
+        tracker.finish(run_id, failed=bool(m.error), end_time_ms=m.finished_at_ms or None)
     return uris
+
+
+# Metrics measured on the evaluation rows: linked to that data set in the UI.
+QUALITY_METRICS = {"accuracy", "macro_f1", "agreement_with_fp32", "hard_slice_accuracy", "relative_accuracy_loss",
+                   "relative_accuracy_loss_low", "relative_accuracy_loss_high", "hard_slice_relative_loss",
+                   "hard_slice_relative_loss_low", "hard_slice_relative_loss_high", "confirmation_accuracy",
+                   "confirmation_hard_slice_accuracy", "confirmation_relative_accuracy_loss_high",
+                   "accuracy_gain_vs_production_low"}
+
+
+def log_data_inputs(tracker: Tracker, parent_id: str, data: data_version.DataVersion, calibration: pd.DataFrame,
+                    evaluation: pd.DataFrame) -> None:
+    """The calibration and evaluation sets as logged inputs of the parent run (lineage to the DVC data)."""
+    tracker.log_evaluation_input(parent_id, evaluation[[TEXT, LABEL]], source=str(data.evaluation_path),
+                                 name="evaluation", digest=data.evaluation_md5)
+    tracker.log_evaluation_input(parent_id, calibration[[TEXT, LABEL]], source=str(data.calibration_path),
+                                 name="calibration", digest=data.calibration_md5, context="calibration")
+
+
+@contextmanager
+def data_docs(tracker: Tracker, parent_id: str) -> Iterator[Path]:
+    """A fresh folder for Great Expectations; its Data Docs site is logged as `data_docs/` on the way out,
+    also when validation failed (that is when a reader needs it most)."""
+    folder = Path(tempfile.mkdtemp(prefix="requant-gx-"))
+    try:
+        yield folder
+    finally:
+        site = data_docs_site(folder)
+        if site.is_dir():
+            tracker.client.log_artifacts(parent_id, str(site), "data_docs")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def version_markdown(tracker: Tracker, parent_id: str, decision: Decision, analysis: CostAnalysis) -> str:
+    """A promoted version's description: why it was chosen, what it saves, a link to its decision."""
+    savings = (f"${analysis.savings_vs_production_monthly_usd:,.2f}/month vs production"
+               if analysis.savings_vs_production_monthly_usd is not None else
+               f"${analysis.savings_vs_fp32_monthly_usd:,.2f}/month vs FP32"
+               if analysis.savings_vs_fp32_monthly_usd is not None else "no baseline to compare")
+    return (f"{decision.summary}\n\nSavings: {savings}.\n\n"
+            f"Decision: [requantize run {parent_id}]({tracker.run_link(parent_id)}) (decision.json, report.txt).")
+
+
+def serving_model_markdown(tracker: Tracker, parent_id: str, source, decision: Decision, version: str,
+                           settings: Settings) -> str:
+    """The serving model's description: what it holds and the decision behind its production alias."""
+    return (f"Quantized versions of `{source.uri}` chosen by requant: the cheapest configuration that meets the "
+            f"quality bar on measured throughput.\n\n`@{settings.registry.production_alias}` -> version {version}: "
+            f"{decision.summary}\n\nDecision: [requantize run {parent_id}]({tracker.run_link(parent_id)}).")

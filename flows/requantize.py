@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +29,8 @@ from tasks.candidates import (
     score_candidate,
     time_candidates,
 )
+from tasks.cost_analysis import analyse
+from tasks.cost_analysis import render_markdown as render_cost
 from tasks.data_prep import LABEL
 from tasks.decision import (
     candidate_record,
@@ -42,7 +44,12 @@ from tasks.mixed_search import MixedSearchResult, search_kept_fp32
 from tasks.models.base import open_model
 from tasks.recipes.base import config_hash, parse_config, runtime_versions
 from tasks.reference import Reference, prepare_reference
-from tasks.report import candidate_rows, render_decision, render_table
+from tasks.report import (
+    candidate_rows,
+    decision_markdown,
+    render_decision,
+    render_table,
+)
 from tasks.search import Budget
 from tasks.search_space import expand_all
 from tasks.selection import Candidate, judge, select
@@ -52,6 +59,7 @@ from tasks.settings import CandidateSpec, Settings, load_settings
 from tasks.tracking import Tracker
 
 log = logging.getLogger("requant")
+DECISION_MARKDOWN = "decision.md"  # the parent's description as a file: `requant report` renders it
 
 
 @dataclass
@@ -126,7 +134,7 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
         work_dir: where exported graphs and candidates are built (content-addressed, reused
             across runs); default: PROJECT/models/work.
     """
-    clock = PhaseClock()
+    clock, started = PhaseClock(), time.perf_counter()
     with clock.phase("setup"):
         settings = load_settings(params_path)
         project = Path(project_dir or Path(params_path).resolve().parent).resolve()
@@ -138,7 +146,8 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
     # The parent run opens before anything can fail, so every failure is a FAILED run with its reason.
     # `held` is entered first so that its lock is released only after the run is marked FINISHED.
     with ExitStack() as held, tracker.parent_run("requantize", {"requant.hardware_profile": profile.name,
-                                                               **{f"host.{k}": v for k, v in host.items()}}) as parent_id:
+                                                               **{f"host.{k}": v for k, v in host.items()}}) as parent_id, \
+            (tracker.system_metrics(parent_id) if settings.operations.system_metrics else nullcontext()):
         # Runs whose process died (a kill, a lost machine) are closed first; an interrupted
         # promotion is either completed in the record or redone by this run.
         for closed in tracker.reconcile_stale_runs():
@@ -181,8 +190,10 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
         })
         with clock.phase("data"):
             classes = family.class_names_for(pd.concat([calibration, evaluation])[LABEL])
-            reports = validate_data(calibration, evaluation, classes, settings.data)
+            with record.data_docs(tracker, parent_id) as docs_dir:  # logged even when validation fails
+                reports = validate_data(calibration, evaluation, classes, settings.data, docs_dir)
             tracker.log_dict(parent_id, {"reports": [r.as_dict() for r in reports]}, "data_validation.json")
+            record.log_data_inputs(tracker, parent_id, data, calibration, evaluation)
 
         with clock.phase("evaluate"):
             # The FP32 graphs live in a folder of their own per source model: two models requantized
@@ -230,8 +241,10 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
                        "kept-production" if decision.winner else "no-candidate-passed")
 
         with clock.phase("track"):
-            model_uris = record.log_candidates(tracker, parent_id, measured, reference, evaluation, data, key, decision)
-            tracker.log_metrics(parent_id, {f"fp32_reference_{k}": v for k, v in reference.quality.as_dict().items()})
+            model_uris = record.log_candidates(tracker, parent_id, measured, reference, evaluation, calibration, data,
+                                               key, decision)
+            tracker.log_metrics(parent_id, {f"fp32_reference_{k}": v for k, v in reference.quality.as_dict().items()},
+                                dataset=("evaluation", data.evaluation_md5[:36]))
             record.log_pareto(tracker, parent_id, measured, decision, settings, reference, work_dir)
 
         promoted_version = None
@@ -241,19 +254,30 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
                 promoted_version = tracker.register_winner(model_uris[winner.built.name], _version_tags(
                     winner, key, source, data, parent_id), project / ".requant")
 
+        analysis = analyse(measured, decision, profile, time.perf_counter() - started)
         table = render_table(candidate_rows(measured, decision))
         decided = {**decision.as_dict(), "outcome": outcome, "promoted_version": promoted_version,
                    "decision_key": key, "serving_model": settings.registry.serving_model_name,
                    "hardware_profile": profile.name, "host": host, "search": search_record, "flow_pid": os.getpid(),
                    "confirmation": confirmation, "hard_slice_intents": reference.hard_classes,
+                   "cost_analysis": analysis.as_dict(),
                    "rows": {"selection": len(reference.y_true),
                             "confirmation": len(reference.confirmation.y_true) if reference.confirmation else 0},
                    "candidates": {m.built.name: candidate_record(m, reference) for m in measured}}
-        report = table + "\n\n" + render_decision(decision, measured, confirmation)
+        report = "\n\n".join([table, render_decision(decision, measured, confirmation),
+                               "cost analysis:\n" + render_cost(analysis)])
         # The decision record first, the alias last: a kill in between leaves a recorded decision
         # whose promotion the next run completes or redoes, never an alias without a decision.
-        tracker.log_dict(parent_id, decided, tracking.DECISION_FILE)
-        tracker.client.log_text(parent_id, report, "report.txt")
+        with clock.phase("track"):
+            tracker.log_dict(parent_id, decided, tracking.DECISION_FILE)
+            tracker.client.log_text(parent_id, report, "report.txt")
+            summary_md = decision_markdown(decision, measured, outcome, render_cost(analysis), confirmation,
+                                           promoted_version, settings.registry.serving_model_name)
+            tracker.describe_run(parent_id, summary_md)
+            tracker.client.log_text(parent_id, summary_md, DECISION_MARKDOWN)
+            publish_decision(measured, decision, summary_md)
+            if promoted_version:
+                tracker.describe_version(promoted_version, record.version_markdown(tracker, parent_id, decision, analysis))
         tracker.set_tags(parent_id, {tracking.TAG_KEY: key, tracking.TAG_OUTCOME: outcome,
                                      "requant.winner": decision.winner or "",
                                      **({tracking.TAG_PROMOTED_VERSION: promoted_version,
@@ -264,11 +288,26 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
                 tracker.set_tags(parent_id, {tracking.TAG_PROMOTION: "done"})
                 log.info("alias %s@%s -> version %s", settings.registry.serving_model_name,
                          settings.registry.production_alias, promoted_version)
+                tracker.describe_serving_model(record.serving_model_markdown(tracker, parent_id, source, decision,
+                                                                             promoted_version, settings))
         tracker.log_metrics(parent_id, {f"phase_{k}_seconds": v for k, v in clock.seconds.items()})
 
     return RunSummary(outcome=outcome, decision_key=key, parent_run_id=parent_id, winner=decision.winner,
                       promoted_version=promoted_version, table=table, report=report, decision=decided,
                       phases=clock.seconds)
+
+
+def publish_decision(measured: list[MeasuredCandidate], decision, summary_markdown: str) -> None:
+    """The decision as Prefect artifacts on this flow run: the candidate table and the summary."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    rows = [{"candidate": name, "verdict": "winner" if name == decision.winner else ("pass" if v.passed_bar else "fail"),
+             "usd_per_month": m.cost.monthly_cost_usd if m.cost else None,
+             "accuracy": round(m.quality.accuracy, 4) if m.quality else None,
+             "sent_per_s": round(m.speed.throughput_per_s) if m.speed else None, "reason": v.reason}
+            for m in measured for name, v in [(m.built.name, decision.verdicts[m.built.name])]]
+    create_table_artifact(rows, key="requant-candidates", description=f"requant: {decision.summary}")
+    create_markdown_artifact(summary_markdown, key="requant-decision", description="requant decision, cost and candidates")
 
 
 def _build_all(settings: Settings, reference: Reference, source_digest: str, work_dir: Path) -> list[BuiltCandidate]:

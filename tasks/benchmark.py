@@ -92,6 +92,7 @@ class TimingSamples:
     latency_ms: list[list[float]]  # one block of batch-1 latencies per round
     throughput_per_s: list[float]  # one rate per round
     error: str | None = None  # the candidate failed during timing; it takes no further rounds
+    seconds: float = 0.0  # wall time spent timing this candidate, warm-up included
 
 
 def time_interleaved(sessions: dict[str, object], latency_feeds: list[dict[str, np.ndarray]],
@@ -117,10 +118,13 @@ def time_interleaved(sessions: dict[str, object], latency_feeds: list[dict[str, 
     sentences = sum(len(f["input_ids"]) for f in throughput_feeds)
     def guarded(name: str, work: Callable[[], None]) -> None:
         # One candidate failing at run time (onnxruntime raises its own types) must not stop the others.
+        start = time.perf_counter()
         try:
             work()
         except Exception as exc:
             samples[name].error = f"{type(exc).__name__} while timing: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+        finally:
+            samples[name].seconds += time.perf_counter() - start
 
     def warm(name: str) -> None:  # first-run allocations and kernel selection, untimed
         for i in range(settings.warmup_runs):

@@ -65,6 +65,7 @@ class BuiltCandidate:
     is_production: bool = False
     # Why a cached build was not reused (it failed verification), for the record.
     rebuilt_because: str | None = None
+    started_at_ms: int = 0  # when work on this candidate started (its MLflow run starts then)
 
 
 @dataclass
@@ -100,6 +101,9 @@ class MeasuredCandidate:
     confirmation: QualityOnRows | None = None
     accuracy_gain_vs_production: LossInterval | None = None
     error: str | None = None
+    score_seconds: float = 0.0
+    timing_seconds: float = 0.0  # its share of the interleaved timing rounds, memory probe included
+    finished_at_ms: int = 0  # when its last measurement ended (its MLflow run ends then)
 
     def metrics(self, reference: Reference) -> dict[str, float]:
         """The flat metric dict logged for every candidate under the same names."""
@@ -132,6 +136,8 @@ class MeasuredCandidate:
         out["lowered_nodes"] = self.built.lowered_nodes
         out["size_ratio_vs_fp32"] = self.built.size_ratio
         out["build_seconds"] = self.built.build_seconds
+        out["score_seconds"] = self.score_seconds
+        out["timing_seconds"] = self.timing_seconds
         return out
 
     def for_selection(self) -> Candidate:
@@ -151,6 +157,10 @@ class MeasuredCandidate:
             accuracy_gain_vs_production_low=(self.accuracy_gain_vs_production.low
                                              if self.accuracy_gain_vs_production else None),
         )
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _relative(reference: float, value: float) -> float:
@@ -189,7 +199,7 @@ def build_candidate(spec: CandidateSpec, reference: Reference, source_digest: st
     config = parse_config(spec.recipe, spec.config, spec.name)
     digest = config_hash(spec.recipe, config, source_digest, reference.inputs.calibration_digest())
     built = BuiltCandidate(spec.name, spec.recipe, cls.precision, config.model_dump(mode="json"), digest,
-                           built_by=f"{socket.gethostname()}:{os.getpid()}")
+                           built_by=f"{socket.gethostname()}:{os.getpid()}", started_at_ms=_now_ms())
     out_dir = candidate_folder(work_dir, spec.recipe, digest)
     with exclusive(out_dir.parent / ".locks", out_dir.name):
         unsound = _verify_cached(out_dir, reference)
@@ -269,9 +279,13 @@ def score_candidate(built: BuiltCandidate, reference: Reference, evaluate: Evalu
                     bar: QualityBar) -> MeasuredCandidate:
     """Score quality on the selection rows; failures become the candidate's error, never the run's."""
     measured = MeasuredCandidate(built)
+    if not built.started_at_ms:
+        built.started_at_ms = _now_ms()
     if built.error or built.model_path is None:
         measured.error = built.error or "not built"
+        measured.finished_at_ms = _now_ms()
         return measured
+    start = time.perf_counter()
     selection = EvaluationRows(reference.eval_batches, reference.y_true, reference.logits, reference.hard_idx,
                                reference.quality, np.arange(len(reference.y_true)))
     try:
@@ -279,6 +293,9 @@ def score_candidate(built: BuiltCandidate, reference: Reference, evaluate: Evalu
     except Exception as exc:  # onnxruntime's own exception types do not derive from RuntimeError
         measured.error = _one_line(exc)
         return measured
+    finally:
+        measured.score_seconds = time.perf_counter() - start
+        measured.finished_at_ms = _now_ms()
     measured.quality, measured.accuracy_loss, measured.hard_slice_loss = scored.quality, scored.accuracy_loss, scored.hard_slice_loss
     measured.predictions = predictions.tolist()
     return measured
@@ -323,7 +340,10 @@ def time_candidates(measured: list[MeasuredCandidate], reference: Reference, eva
             m.error = timing.error
             continue
         try:
+            probe_start = time.perf_counter()
             memory = peak_memory_mb(m.built.model_path, reference.throughput_feeds[0], evaluate.intra_op_threads)
+            m.timing_seconds = timing.seconds + time.perf_counter() - probe_start
+            m.finished_at_ms = _now_ms()
             m.speed = summarize_speed(timing, evaluate.price_quantile, memory, file_size_mb(m.built.model_path))
             # Capacity is planned on a robust low quantile of the rounds: a fleet sized on the median
             # would fall short whenever the host runs at the slow end of its measured spread.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,9 @@ from tasks.models.base import open_model
 from tasks.recipes.base import QuantizeInputs
 from tasks.serving import ServingAssets
 from tasks.settings import EvaluateSettings, ModelSettings
+
+
+log = logging.getLogger("requant")
 
 
 @dataclass
@@ -90,6 +94,8 @@ def prepare_reference(source_folder: Path, evaluation: pd.DataFrame, calibration
     labels = evaluation[LABEL].tolist()
     calibration_texts = calibration[TEXT].tolist()
     # Hard intents come from the calibration split: never from FP32's predictions on scored rows.
+    log.info("FP32 reference: scoring %d calibration rows (hard intents), then %d evaluation rows",
+             len(calibration_texts), len(texts))
     calibration_batches = tokenized_batches(tokenizer, calibration_texts, card.max_length, evaluate.batch_size)
     calibration_logits = predict_torch(classifier, calibration_batches, len(calibration_texts))
     hard_classes = least_confident_classes(calibration_logits, label_indices(calibration[LABEL].tolist(), card.labels),

@@ -165,6 +165,7 @@ class OperationsSettings(_Section):
     dask_address: str | None = Field(None, description="Existing Dask scheduler (tcp://host:8786); null starts a local cluster.")
     dask_workers: int = Field(2, ge=1, description="Worker processes of a local Dask cluster.")
     lock_timeout_minutes: float = Field(120.0, gt=0, description="How long a run waits for another run of the same model before failing.")
+    system_metrics: bool = Field(True, description="Log CPU, memory and disk use of the host on each requantize run (MLflow system metrics).")
 
 
 class HardwareProfile(_Section):

@@ -7,6 +7,7 @@ tasks return numbers and this adapter writes them.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -59,6 +60,41 @@ def _quiet_mlflow() -> None:
 def tracking_uri(settings: RegistrySettings) -> str:
     """MLFLOW_TRACKING_URI wins over params.yaml, as MLflow users expect."""
     return os.environ.get("MLFLOW_TRACKING_URI") or settings.tracking_uri
+
+
+def lineage_tags(entry_point: str = "flows.requantize") -> dict[str, str]:
+    """Who ran it, from what code: mlflow.user, mlflow.source.* and the git commit of the requant checkout."""
+    import getpass
+
+    from mlflow.utils.mlflow_tags import (
+        MLFLOW_GIT_COMMIT,
+        MLFLOW_SOURCE_NAME,
+        MLFLOW_SOURCE_TYPE,
+        MLFLOW_USER,
+    )
+
+    try:
+        user = getpass.getuser()
+    except Exception:  # no passwd entry (some containers)
+        user = os.environ.get("USER", "unknown")
+    tags = {MLFLOW_USER: user, MLFLOW_SOURCE_NAME: entry_point, MLFLOW_SOURCE_TYPE: "LOCAL"}
+    commit = _git_commit()
+    if commit:
+        tags[MLFLOW_GIT_COMMIT] = commit
+    return tags
+
+
+@functools.lru_cache(maxsize=1)
+def _git_commit() -> str | None:
+    """HEAD of the git checkout requant runs from, if it runs from one."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                              text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
 
 
 @dataclass(frozen=True)
@@ -160,7 +196,8 @@ class Tracker:
         Only a run that reached a decision gets TAG_KEY, so a crashed or failed run never counts as
         "already decided" and is simply redone next time.
         """
-        run = self.client.create_run(self.experiment_id(), run_name=run_name, tags={**tags, TAG_PROCESS: process_identity()})
+        run = self.client.create_run(self.experiment_id(), run_name=run_name,
+                                     tags={**lineage_tags(), **tags, TAG_PROCESS: process_identity()})
         run_id = run.info.run_id
         try:
             yield run_id
@@ -178,12 +215,14 @@ class Tracker:
         for start in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[start : start + 100])
 
-    def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
-        """Log finite numeric metrics at one timestamp."""
+    def log_metrics(self, run_id: str, metrics: dict[str, float], dataset: tuple[str, str] | None = None) -> None:
+        """Log finite numeric metrics at one timestamp; `dataset` (name, digest) links them to a logged input."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None and v == v]
+        name, digest = dataset or (None, None)
+        items = [Metric(k, float(v), now, 0, dataset_name=name, dataset_digest=digest)
+                 for k, v in metrics.items() if v is not None and v == v]
         self.client.log_batch(run_id, metrics=items)
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
@@ -196,25 +235,59 @@ class Tracker:
         """Write a JSON artifact on a run."""
         self.client.log_dict(run_id, payload, name)
 
-    def log_evaluation_input(self, run_id: str, frame, source: str, name: str, digest: str) -> None:
-        """Record the evaluation set as a logged dataset input of the run."""
+    def log_evaluation_input(self, run_id: str, frame, source: str, name: str, digest: str,
+                             context: str = "evaluation") -> None:
+        """Record a data set (the evaluation or calibration set) as a logged dataset input of the run."""
         import mlflow.data
         from mlflow.entities import DatasetInput, InputTag
 
         dataset = mlflow.data.from_pandas(frame, source=source, name=name, targets="label", digest=digest[:36])
         self.client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
-                                                              tags=[InputTag("mlflow.data.context", "evaluation")])])
+                                                              tags=[InputTag("mlflow.data.context", context)])])
 
-    def candidate_run(self, parent_id: str, name: str, tags: dict[str, str]) -> str:
-        """Create a finished-later nested run for one candidate."""
+    def candidate_run(self, parent_id: str, name: str, tags: dict[str, str], start_time_ms: int | None = None) -> str:
+        """Create a finished-later nested run for one candidate, started when its work started."""
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-        run = self.client.create_run(self.experiment_id(), run_name=name, tags={MLFLOW_PARENT_RUN_ID: parent_id, **tags})
+        run = self.client.create_run(self.experiment_id(), run_name=name, start_time=start_time_ms,
+                                     tags={**lineage_tags(), MLFLOW_PARENT_RUN_ID: parent_id, **tags})
         return run.info.run_id
 
-    def finish(self, run_id: str, failed: bool = False) -> None:
-        """End a run."""
-        self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+    def finish(self, run_id: str, failed: bool = False, end_time_ms: int | None = None) -> None:
+        """End a run (at `end_time_ms`, when its work ended, if given)."""
+        self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED", end_time=end_time_ms)
+
+    def describe_run(self, run_id: str, markdown: str) -> None:
+        """Set the run's description (the MLflow UI renders it as markdown)."""
+        self.client.set_tag(run_id, "mlflow.note.content", markdown[:60000])
+
+    def describe_version(self, version: str, markdown: str) -> None:
+        """Set a serving-model version's description."""
+        self.client.update_model_version(self.settings.serving_model_name, version, description=markdown[:60000])
+
+    def describe_serving_model(self, markdown: str) -> None:
+        """Set the serving registered model's description."""
+        self._ensure_registered_model(self.settings.serving_model_name)
+        self.client.update_registered_model(self.settings.serving_model_name, description=markdown[:60000])
+
+    def run_link(self, run_id: str) -> str:
+        """A link to the run in the MLflow UI (absolute for a tracking server, else relative to the UI)."""
+        experiment = self.client.get_run(run_id).info.experiment_id
+        path = f"#/experiments/{experiment}/runs/{run_id}"
+        return f"{self.uri.rstrip('/')}/{path}" if self.uri.startswith(("http://", "https://")) else path
+
+    @contextmanager
+    def system_metrics(self, run_id: str, sampling_interval_s: float = 5.0) -> Iterator[None]:
+        """Log CPU, memory and disk use of this host on the run while the block runs (MLflow's monitor)."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=sampling_interval_s, samples_before_logging=1,
+                                       tracking_uri=self.uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
 
     def log_onnx_model(self, run_id: str, model_path: Path, classes: int) -> str:
         """Log an ONNX candidate with a signature (dynamic batch and sequence); return its model URI."""
@@ -277,7 +350,8 @@ class Tracker:
                         params: dict, metrics: dict[str, float]) -> str:
         """Log a model folder (safetensors + card) in a run and register it as a new version; return the version."""
         run = self.client.create_run(self.experiment_id(), run_name=run_name,
-                                     tags={"requant.kind": "train", TAG_PROCESS: process_identity()})
+                                     tags={**lineage_tags("flows.train"), "requant.kind": "train",
+                                           TAG_PROCESS: process_identity()})
         run_id = run.info.run_id
         try:
             self.log_params(run_id, params)
@@ -311,7 +385,8 @@ class Tracker:
         classifier = pipeline("text-classification", model=model,
                               tokenizer=AutoTokenizer.from_pretrained(str(folder), local_files_only=True), device="cpu")
         with self._mlflow.start_run(experiment_id=self.experiment_id(), run_name=run_name,
-                                    tags={"requant.kind": "train"}) as run:
+                                    tags={**lineage_tags("flows.train"), "requant.kind": "train",
+                                          TAG_PROCESS: process_identity()}) as run:
             self.log_params(run.info.run_id, params)
             self.log_metrics(run.info.run_id, metrics)
             # pip_requirements given: inferring them costs ~17 s.
@@ -510,6 +585,24 @@ class Tracker:
             if existing.name == name:
                 self.client.delete_webhook(existing.webhook_id)
         return self.client.create_webhook(name=name, url=url, events=["model_version.created"], secret=secret).webhook_id
+
+    def decision_markdown(self, run_id: str | None = None) -> tuple[str, str]:
+        """(run id, decision.md text) of a requantize run, by default the newest that decided.
+
+        Raises:
+            RequantError: no such run, or it holds no decision.md (it did not reach a decision).
+        """
+        if run_id is None:
+            last = self.last_decision()
+            if last is None:
+                raise RequantError("no requantize run has decided yet: run `requant run` first")
+            run_id = last["run_id"]
+        try:
+            path = self._mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="decision.md")
+        except Exception as exc:
+            raise RequantError(f"run {run_id} has no decision.md (it did not reach a decision, or it is not a "
+                               f"requantize run): pick a run id from `requant status`") from exc
+        return run_id, Path(path).read_text()
 
     def last_decision(self) -> dict | None:
         """The newest finished requantize run's decision record and tags."""

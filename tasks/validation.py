@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 
@@ -48,19 +49,32 @@ def build_suite(name: str, classes: list[str], settings: DataSettings, min_rows:
     ])
 
 
-def run_suite(frame: pd.DataFrame, data_set: str, suite) -> ValidationReport:
-    """Validate a DataFrame in an ephemeral context (nothing persisted, safe to repeat)."""
+def _file_context(docs_root: Path):
+    """A GX file context under docs_root: it keeps the validation results and renders them as Data Docs."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    # GX resets its loggers on import and then warns about each ephemeral docs folder it creates.
+    # GX resets its loggers on import and then warns about each docs folder it creates.
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
-    context = gx.get_context(mode="ephemeral")
+    docs_root.mkdir(parents=True, exist_ok=True)
+    context = gx.get_context(mode="file", project_root_dir=str(docs_root))
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    batch = (context.data_sources.add_pandas(data_set).add_dataframe_asset(data_set)
-             .add_batch_definition_whole_dataframe(data_set).get_batch(batch_parameters={"dataframe": frame}))
-    result = batch.validate(suite)
+    return context
+
+
+def run_suite(frame: pd.DataFrame, data_set: str, suite, context) -> ValidationReport:
+    """Validate a DataFrame with a checkpoint that also updates the context's Data Docs."""
+    import great_expectations as gx
+
+    batch = (context.data_sources.add_or_update_pandas(data_set).add_dataframe_asset(data_set)
+             .add_batch_definition_whole_dataframe(data_set))
+    suite = context.suites.add_or_update(suite)
+    definition = context.validation_definitions.add_or_update(gx.ValidationDefinition(name=data_set, data=batch, suite=suite))
+    checkpoint = context.checkpoints.add_or_update(gx.Checkpoint(
+        name=f"{data_set}-checkpoint", validation_definitions=[definition],
+        actions=[gx.checkpoint.UpdateDataDocsAction(name="data-docs")]))
+    result = next(iter(checkpoint.run(batch_parameters={"dataframe": frame}).run_results.values()))
     failures = []
     for item in result.results:
         if item.success:
@@ -74,20 +88,30 @@ def run_suite(frame: pd.DataFrame, data_set: str, suite) -> ValidationReport:
 
 
 def validate_prepared(calibration: pd.DataFrame, evaluation: pd.DataFrame, classes: list[str],
-                      settings: DataSettings) -> list[ValidationReport]:
-    """Validate both prepared sets against the model's classes.
+                      settings: DataSettings, docs_dir: Path | None = None) -> list[ValidationReport]:
+    """Validate both prepared sets against the model's classes; render GX Data Docs into docs_dir.
+
+    Args:
+        docs_dir: a fresh folder for the GX project whose Data Docs site (HTML) shows these
+            validations; its `data_docs/` subfolder is the site. Default: a temporary folder.
 
     Raises:
-        DataError: naming each failing expectation, if either set fails.
+        DataError: naming each failing expectation, if either set fails (the docs are written first).
     """
+    import tempfile
+
+    if docs_dir is None:
+        docs_dir = Path(tempfile.mkdtemp(prefix="requant-gx-"))
+    context = _file_context(Path(docs_dir))
     # Row-count bounds: below the minimum, static calibration and accuracy estimates break down;
     # above the configured sample size, the split went wrong.
     reports = [
         run_suite(calibration, "calibration", build_suite(
-            "calibration", classes, settings, settings.min_calibration_rows, settings.calibration_size)),
+            "calibration", classes, settings, settings.min_calibration_rows, settings.calibration_size), context),
         run_suite(evaluation, "evaluation", build_suite(
-            "evaluation", classes, settings, settings.min_eval_rows, settings.eval_size or 10_000_000)),
+            "evaluation", classes, settings, settings.min_eval_rows, settings.eval_size or 10_000_000), context),
     ]
+    context.build_data_docs()
     overlap = set(calibration[TEXT]) & set(evaluation[TEXT])
     if overlap:
         reports[0].failures.append(f"calibration shares {len(overlap)} text(s) with evaluation, e.g. {sorted(overlap)[0]!r}")
@@ -95,3 +119,8 @@ def validate_prepared(calibration: pd.DataFrame, evaluation: pd.DataFrame, class
     if failed:
         raise DataError(f"data validation failed ({len(failed)}): " + "; ".join(failed) + " -- fix the data or params.yaml data section")
     return reports
+
+
+def data_docs_site(docs_dir: Path) -> Path:
+    """The Data Docs site (index.html and its pages) that `validate_prepared` rendered under docs_dir."""
+    return Path(docs_dir) / "gx" / "uncommitted" / "data_docs" / "local_site"

@@ -50,7 +50,7 @@ def test_flow_logs_every_candidate_as_a_nested_run_with_the_same_metrics(project
     from tasks.search_space import expand_all
     from tasks.settings import load_settings
 
-    names = {r.info.run_name for r in children}
+    names = {r.data.tags[tracking.TAG_CANDIDATE] for r in children}  # run names are short; the full spec is a tag
     grid = {c.name for c in expand_all(load_settings(project[0] / "params.yaml").quantize.candidates)}
     assert len(grid) == 9 and "int8-dynamic[per_channel=true,graph=plain]" in grid  # the declared grid, expanded
     assert grid <= names and all(n.startswith("search-keep-fp32-k") for n in names - grid)
@@ -60,10 +60,10 @@ def test_flow_logs_every_candidate_as_a_nested_run_with_the_same_metrics(project
     assert {"accuracy", "macro_f1", "hard_slice_accuracy", "hard_slice_relative_loss", "hard_slice_relative_loss_high",
             "latency_p95_ms", "throughput_per_s", "size_mb", "peak_memory_mb", "monthly_cost_usd", "passed_bar",
             "is_winner"} <= set(measured[0].data.metrics)
-    verdicts = {r.info.run_name: r.data.tags["requant.verdict"] for r in children}
+    verdicts = {r.data.tags[tracking.TAG_CANDIDATE]: r.data.tags["requant.verdict"] for r in children}
     assert verdicts[first_run.winner] == "winner" and set(verdicts.values()) <= {"winner", "pass", "fail"}
     # Memory is each model's own: the FP32 graph (~90 MB) needs more than dynamic INT8 (~23 MB).
-    memory = {r.info.run_name: r.data.metrics["peak_memory_mb"] for r in measured}
+    memory = {r.data.tags[tracking.TAG_CANDIDATE]: r.data.metrics["peak_memory_mb"] for r in measured}
     assert memory["fp32"] > memory["int8-dynamic[per_channel=true,graph=plain]"] + 20
     assert all(r.inputs.dataset_inputs and r.inputs.dataset_inputs[0].dataset.name == "evaluation" for r in children)
     assert parent.data.tags[tracking.TAG_DATA_VERSION] == children[0].data.tags[tracking.TAG_DATA_VERSION]
@@ -73,7 +73,7 @@ def test_decision_record_agrees_with_the_logged_metrics(project, first_run):
     _, client = project
     path = client.download_artifacts(first_run.parent_run_id, tracking.DECISION_FILE)
     record = json.loads(Path(path).read_text())
-    children = {r.info.run_name: r for r in client.search_runs(
+    children = {r.data.tags[tracking.TAG_CANDIDATE]: r for r in client.search_runs(
         [client.get_run(first_run.parent_run_id).info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{first_run.parent_run_id}'")}
     winner = record["winner"]

@@ -52,7 +52,7 @@ def register(params_path: str, folder, name: str) -> str:
 def candidate_model_uri(client, parent_run_id: str, candidate: str) -> str:
     experiment = client.get_run(parent_run_id).info.experiment_id
     run = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' "
-                                                         f"and attributes.run_name = '{candidate}'")[0]
+                                                         f"and tags.`requant.candidate` = '{candidate}'")[0]
     return f"models:/{run.outputs.model_outputs[0].model_id}"
 
 

@@ -37,3 +37,11 @@ def test_validate_prepared_catches_calibration_leaking_into_evaluation():
     evaluation = rows("cal", 3)
     with pytest.raises(DataError, match="shares 9 text"):
         validate_prepared(rows("cal", 3), evaluation, CLASSES, SETTINGS)
+
+
+def test_validate_prepared_renders_data_docs_for_both_sets(tmp_path):
+    validate_prepared(rows("cal", 3), rows("eval", 3), CLASSES, SETTINGS, docs_dir=tmp_path / "gx")
+    site = tmp_path / "gx" / "gx" / "uncommitted" / "data_docs" / "local_site"
+    index = (site / "index.html").read_text()
+    assert "calibration" in index and "evaluation" in index
+    assert len(list((site / "validations").rglob("*.html"))) == 2  # one page per validated set
