@@ -90,8 +90,9 @@ def log_candidates(tracker: Tracker, parent_id: str, measured: list[MeasuredCand
                                      name="calibration", digest=data.calibration_md5, context="calibration")
         # The production copy is already registered; logging its graph again would only duplicate it.
         if b.model_path and not m.error and not b.is_production:
-            uris[b.name] = (tracker.log_serving_model(run_id, b.model_path, reference.serving) if reference.serving
-                            else tracker.log_onnx_model(run_id, b.model_path, len(reference.card.labels)))
+            uris[b.name] = (tracker.log_serving_model(run_id, b.model_path, reference.serving, names[b.name])
+                            if reference.serving else
+                            tracker.log_onnx_model(run_id, b.model_path, len(reference.card.labels), names[b.name]))
         tracker.finish(run_id, failed=bool(m.error), end_time_ms=m.finished_at_ms or None)
     return uris
 

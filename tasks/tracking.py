@@ -62,6 +62,13 @@ def tracking_uri(settings: RegistrySettings) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or settings.tracking_uri
 
 
+def logged_model_name(candidate: str) -> str:
+    """A logged-model name from a candidate name: 'int8 per-ch plain' -> 'int8-per-ch-plain'."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", candidate).strip("-") or "model"
+
+
 def lineage_tags(entry_point: str = "flows.requantize") -> dict[str, str]:
     """Who ran it, from what code: mlflow.user, mlflow.source.* and the git commit of the requant checkout."""
     import getpass
@@ -289,7 +296,7 @@ class Tracker:
         finally:
             monitor.finish()
 
-    def log_onnx_model(self, run_id: str, model_path: Path, classes: int) -> str:
+    def log_onnx_model(self, run_id: str, model_path: Path, classes: int, name: str = "model") -> str:
         """Log an ONNX candidate with a signature (dynamic batch and sequence); return its model URI."""
         import numpy as np
         import onnx
@@ -303,12 +310,12 @@ class Tracker:
         )
         with self._mlflow.start_run(run_id=run_id, nested=True):
             info = self._mlflow.onnx.log_model(
-                onnx.load(str(model_path)), name="model", signature=signature,
+                onnx.load(str(model_path)), name=logged_model_name(name), signature=signature,
                 pip_requirements=PIP_REQUIREMENTS, onnx_execution_providers=["CPUExecutionProvider"],
             )
         return info.model_uri
 
-    def log_serving_model(self, run_id: str, model_path: Path, serving) -> str:
+    def log_serving_model(self, run_id: str, model_path: Path, serving, name: str = "model") -> str:
         """Log a candidate as the model that is served: an MLflow pyfunc taking raw text.
 
         The model holds the ONNX graph (artifact `onnx_model`, for teams that run ONNX Runtime
@@ -320,6 +327,7 @@ class Tracker:
             run_id: the candidate's run.
             model_path: the candidate's ONNX file.
             serving: a `tasks.serving.ServingAssets` (tokenizer folder, labels, max length).
+            name: the logged model's name (the candidate's, so the UI's Models column tells them apart).
 
         Returns:
             The logged model's URI.
@@ -338,7 +346,7 @@ class Tracker:
             card = serving.write_card(Path(tmp) / serving_module.CLASSIFIER_FILE)
             with self._mlflow.start_run(run_id=run_id, nested=True):
                 info = self._mlflow.pyfunc.log_model(
-                    name="model", python_model=str(code.with_name("serving_pyfunc.py")), code_paths=[str(code)],
+                    name=logged_model_name(name), python_model=str(code.with_name("serving_pyfunc.py")), code_paths=[str(code)],
                     artifacts={"onnx_model": str(model_path), "tokenizer": str(serving.tokenizer_dir),
                                "classifier_card": str(card)},
                     signature=signature, input_example=SERVING_EXAMPLE, pip_requirements=SERVING_REQUIREMENTS,
