@@ -97,6 +97,9 @@ def _run(args) -> int:
     from tasks.settings import load_settings
 
     settings = load_settings(args.params)  # fail on a bad params.yaml before any server starts
+    from tasks.preflight import check_run_inputs
+
+    check_run_inputs(settings, args.model)  # and on a wrong model path or data file
     from flows.runners import requantize_for
 
     summary = requantize_for(settings)(params_path=args.params, model_uri=args.model, project_dir=args.project,

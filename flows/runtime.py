@@ -13,6 +13,12 @@ DEFAULTS = {
     "TOKENIZERS_PARALLELISM": "false",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
+    # MLflow retries an unreachable server 7 times with a doubling backoff (~4 minutes) and waits
+    # 120 s per request. Bounded here: 3 retries 0/2/4 s apart (< 10 s for a closed port), 30 s per
+    # request, then one error line. A user's own values win (setdefault).
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
 
 

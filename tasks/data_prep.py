@@ -134,7 +134,7 @@ def build_sets(train: pd.DataFrame, test: pd.DataFrame, settings: DataSettings) 
     if settings.calibration_size > usable:
         raise DataError(
             f"data.calibration_size is {settings.calibration_size} but {settings.train_csv} gives only {usable} rows "
-            f"for calibration ({int(leaked.sum())} more share their text with the evaluation set): "
+            f"for calibration{f' ({int(leaked.sum())} more share their text with the evaluation set)' if leaked.any() else ''}: "
             f"lower data.calibration_size to at most {usable} in params.yaml or add training rows"
         )
     calibration = stratified_sample(train[~leaked], settings.calibration_size, settings.seed)

@@ -74,14 +74,19 @@ def reproduce(project_dir: Path, output_dir: Path, params_path: Path | None = No
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        _check_inputs(params_path)
+        created = False
         if params_path == project_dir / DEFAULT_PARAMS:
             dvcfile, target = project_dir / "dvc.yaml", STAGE
         else:
+            created = not _generated_dvcfile(project_dir, params_path).is_file()
             dvcfile = write_params_stage(project_dir, params_path)
             target = f"{dvcfile.relative_to(project_dir)}:{STAGE}"
-        _check_inputs(params_path)
         done = subprocess.run([sys.executable, "-m", "dvc", "repro", target], cwd=project_dir, env=env,
                               capture_output=True, text=True)
+        if done.returncode != 0 and created:
+            # A stage that never produced anything is not kept: the project stays as it was.
+            _remove_generated(project_dir, dvcfile)
     if done.returncode != 0:
         raise DataError(f"`dvc repro {target}` failed: {stage_failure(done.stderr, done.stdout)}")
     return read_lock(project_dir, output_dir, dvcfile)
@@ -106,7 +111,7 @@ def write_params_stage(project_dir: Path, params_path: Path) -> Path:
             "inside the project only; move it there or pass --project"
         ) from None
     data = load_settings(params_path).data
-    dvcfile = project_dir / GENERATED_STAGES / relative_params.with_suffix("") / "dvc.yaml"
+    dvcfile = _generated_dvcfile(project_dir, params_path)
     outs = [data.output_dir / CALIBRATION_FILE, data.output_dir / EVALUATION_FILE]
     _refuse_shared_outputs(project_dir, dvcfile, outs, relative_params)
     main = yaml.safe_load((project_dir / "dvc.yaml").read_text())["stages"][STAGE]
@@ -132,6 +137,20 @@ def write_params_stage(project_dir: Path, params_path: Path) -> Path:
         partial.write_text(text)
         partial.replace(dvcfile)  # atomic: a concurrent `dvc` never reads half a file
     return dvcfile
+
+
+def _generated_dvcfile(project_dir: Path, params_path: Path) -> Path:
+    relative = params_path.relative_to(project_dir) if params_path.is_relative_to(project_dir) else Path(params_path.name)
+    return project_dir / GENERATED_STAGES / relative.with_suffix("") / "dvc.yaml"
+
+
+def _remove_generated(project_dir: Path, dvcfile: Path) -> None:
+    for path in (dvcfile, dvcfile.with_name("dvc.lock"), dvcfile.with_name(".gitignore")):
+        path.unlink(missing_ok=True)
+    folder = dvcfile.parent
+    while folder != project_dir and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+        folder = folder.parent
 
 
 def _refuse_shared_outputs(project_dir: Path, dvcfile: Path, outs: list[Path], relative_params: Path) -> None:

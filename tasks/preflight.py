@@ -1,0 +1,36 @@
+"""What `requant run` checks before any server starts: cheap, local, and refused in one line.
+
+The flow makes each of these checks again where it uses the input (a scheduled or triggered run
+never passes through the CLI); checking them first only spares a user the seconds a Prefect
+server takes to start before being told that a path is wrong.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tasks.settings import Settings
+
+
+def check_run_inputs(settings: Settings, model_uri: str | None) -> None:
+    """Refuse a run whose model, hardware profile or data files are wrong, before it starts.
+
+    Args:
+        settings: the validated params file.
+        model_uri: `--model`, or None for model.source_uri.
+
+    Raises:
+        RequantError: a malformed model URI, a local model folder that is not one, no hardware
+            profile for this CPU, or a data file that does not exist.
+    """
+    from tasks.benchmark import cpu_info
+    from tasks.data_prep import require_file
+    from tasks.model_io import read_model_card
+    from tasks.tracking import parse_model_uri
+
+    uri = model_uri or settings.model.source_uri
+    if parse_model_uri(uri) is None:  # a local folder; registry URIs are resolved by the flow
+        read_model_card(Path(uri).expanduser().resolve())
+    settings.cost.host_profile(cpu_info()["cpu_model"])
+    for path in (settings.data.train_csv, settings.data.test_csv):
+        require_file(path)
