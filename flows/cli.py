@@ -100,7 +100,9 @@ def _run(args) -> int:
     from tasks.preflight import check_run_inputs
 
     check_run_inputs(settings, args.model)  # and on a wrong model path or data file
-    from flows.runners import requantize_for
+    from flows.runners import require_prefect_api, requantize_for
+
+    require_prefect_api()
 
     summary = requantize_for(settings)(params_path=args.params, model_uri=args.model, project_dir=args.project,
                                        force=args.force)
@@ -160,7 +162,9 @@ def _serve(args) -> int:
     if not os.environ.get("PREFECT_API_URL"):
         raise RequantError("PREFECT_API_URL is not set: start `prefect server start` (or use Prefect Cloud) and export its API URL")
     from flows.deploy import serve
+    from flows.runners import require_prefect_api
 
+    require_prefect_api()
     serve(settings, args.params)
     return 0
 
