@@ -6,6 +6,9 @@ import os
 DEFAULTS = {
     # No network here: Prefect's analytics and GX's usage stats would only time out.
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # Prefect's temporary server gets 20 s to start by default; on a busy 2-core host it needed
+    # more, and the run died in a traceback before doing anything.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
     "GX_ANALYTICS_ENABLED": "false",
     # Models load from local folders only; a hub lookup would hang without network.
     "HF_HUB_OFFLINE": "1",
@@ -34,6 +37,8 @@ def configure(verbose: bool = False) -> None:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        # urllib3 logs each retry of an unreachable server; the one error line that follows says it.
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     # Root at WARNING: onnxruntime's quantizer logs every tensor at INFO on the root logger.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for handler in logging.getLogger().handlers:

@@ -76,16 +76,25 @@ def _read_csv(path: Path) -> pd.DataFrame:
     try:
         return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise DataError(
-            f"{path} is not UTF-8 (byte {exc.object[exc.start]:#04x} at offset {exc.start}): "
-            "re-encode it as UTF-8, e.g. `iconv -f latin1 -t utf-8`"
-        ) from exc
+        raise DataError(f"{path} is not UTF-8 ({_first_bad_byte(path)}): "
+                        "re-encode it as UTF-8, e.g. `iconv -f latin1 -t utf-8`") from exc
     except pd.errors.EmptyDataError as exc:
         raise DataError(f"{path} is empty: it needs a header line and labelled rows (see README, 'Data')") from exc
     except pd.errors.ParserError as exc:
         raise DataError(f"{path} is not a well-formed CSV ({str(exc).strip().splitlines()[-1]}): fix the file or quote its fields") from exc
     except OSError as exc:
         raise DataError(f"{path} cannot be read ({exc.strerror or exc}): check its permissions") from exc
+
+
+def _first_bad_byte(path: Path) -> str:
+    # pandas reports offsets within its read buffer; decode the file again to name the line.
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        return f"byte {data[exc.start]:#04x} on line {line}"
+    return "an invalid byte"
 
 
 def stratified_sample(frame: pd.DataFrame, size: int, seed: int) -> pd.DataFrame:

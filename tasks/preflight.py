@@ -1,8 +1,8 @@
-"""What `requant run` checks before any server starts: cheap, local, and refused in one line.
+"""What `requant run` checks before the flow starts: cheap, and refused in one line.
 
 The flow makes each of these checks again where it uses the input (a scheduled or triggered run
 never passes through the CLI); checking them first only spares a user the seconds a Prefect
-server takes to start before being told that a path is wrong.
+server takes to start before being told that a path, a model version or a server is wrong.
 """
 
 from __future__ import annotations
@@ -21,16 +21,23 @@ def check_run_inputs(settings: Settings, model_uri: str | None) -> None:
 
     Raises:
         RequantError: a malformed model URI, a local model folder that is not one, no hardware
-            profile for this CPU, or a data file that does not exist.
+            profile for this CPU, a data file that does not exist, a tracking store that cannot
+            be used, or a model, alias or version the registry does not have.
     """
     from tasks.benchmark import cpu_info
     from tasks.data_prep import require_file
     from tasks.model_io import read_model_card
-    from tasks.tracking import parse_model_uri
+    from tasks.tracking import Tracker, parse_model_uri
 
     uri = model_uri or settings.model.source_uri
-    if parse_model_uri(uri) is None:  # a local folder; registry URIs are resolved by the flow
+    registered = parse_model_uri(uri) is not None
+    if not registered:
         read_model_card(Path(uri).expanduser().resolve())
     settings.cost.host_profile(cpu_info()["cpu_model"])
     for path in (settings.data.train_csv, settings.data.test_csv):
         require_file(path)
+    # The tracking store answers (a server is probed once, with bounded retries) and knows the
+    # model version. The flow runs in this process, so MLflow is imported once either way.
+    tracker = Tracker(settings.registry)
+    if registered:
+        tracker.resolve_version(uri)

@@ -228,7 +228,7 @@ class Tracker:
             folder = Path(uri).expanduser().resolve()
             read_model_card(folder)
             return SourceModel(uri=uri, folder=folder, name=None, version=None, digest=folder_digest(folder))
-        name, version = self._resolve_version(uri)
+        name, version = self.resolve_version(uri)
         dst.mkdir(parents=True, exist_ok=True)
         target = dst / f"{name}-v{version}"
         if not target.is_dir():
@@ -238,7 +238,13 @@ class Tracker:
         read_model_card(target)
         return SourceModel(uri=uri, folder=target, name=name, version=version, digest=folder_digest(target))
 
-    def _resolve_version(self, uri: str) -> tuple[str, str]:
+    def resolve_version(self, uri: str) -> tuple[str, str]:
+        """(name, version) of the registered version a models:/ URI names.
+
+        Raises:
+            ModelSourceError: a malformed URI, or one naming a model, alias or version the registry
+                does not have (the message lists what it has).
+        """
         from mlflow.exceptions import MlflowException
 
         name, version, alias = parse_model_uri(uri)
