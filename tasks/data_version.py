@@ -76,7 +76,7 @@ def reproduce(project_dir: Path, output_dir: Path, params_path: Path | None = No
         fcntl.flock(lock, fcntl.LOCK_EX)
         _check_inputs(params_path)
         created = False
-        if params_path == project_dir / DEFAULT_PARAMS:
+        if params_path == (project_dir / DEFAULT_PARAMS).resolve():
             dvcfile, target = project_dir / "dvc.yaml", STAGE
         else:
             created = not _generated_dvcfile(project_dir, params_path).is_file()

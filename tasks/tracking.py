@@ -389,6 +389,8 @@ def _unreachable(uri: str, exc: Exception) -> str:
         reason = "not a URI scheme MLflow supports: sqlite:///PATH, http(s)://HOST:PORT, postgresql://..."
     else:
         reason = (text.strip().splitlines() or [type(exc).__name__])[0][:200]
+        if uri.startswith(("http://", "https://")):
+            reason += "; is it an MLflow tracking server?"
     return (f"MLflow tracking store {uri} cannot be used ({reason}): start the server, or set registry.tracking_uri "
             "in params.yaml (or MLFLOW_TRACKING_URI) to a reachable one")
 

@@ -122,7 +122,7 @@ CASES = [
          params={"registry.tracking_uri": "http://127.0.0.1:{closed_port}"}, waits_on_server=True),
     Case("tracking-uri-unsupported", ("foo://bar", "not a URI scheme MLflow supports"),
          params={"registry.tracking_uri": "foo://bar"}),
-    Case("tracking-uri-not-mlflow", ("cannot be used", "404", "registry.tracking_uri"),
+    Case("tracking-uri-not-mlflow", ("cannot be used", "Not Found", "is it an MLflow tracking server?"),
          params={"registry.tracking_uri": "{prefect_root}"}),
     # ---- refused inside the flow, at the first step that can see it
     Case("data-header-only", ("header.csv", "has a header but no rows"), params={"data.train_csv": "{inputs}/header.csv"},
