@@ -109,13 +109,12 @@ def _run(args) -> int:
     from tasks.settings import load_settings
 
     settings = load_settings(args.params)  # fail on a bad params.yaml before any server starts
-    if args.model and not args.model.startswith("models:/"):
-        # A local model folder is checked now too (missing, pickles, remote code, wrong head, no tokenizer):
-        # one line, before any server starts. Registered versions are checked by the flow after download.
-        from tasks.models.base import open_model
+    from tasks.preflight import check_run_inputs
 
-        open_model(args.model, settings.model.family, settings.model.max_length, settings.model.allow_pickle_weights)
-    from flows.runners import requantize_for
+    check_run_inputs(settings, args.model)  # and on a wrong model path or data file
+    from flows.runners import requantize_for, require_prefect_api
+
+    require_prefect_api()
 
     summary = requantize_for(settings)(params_path=args.params, model_uri=args.model, project_dir=args.project,
                                        force=args.force)
@@ -191,7 +190,9 @@ def _serve(args) -> int:
     if not os.environ.get("PREFECT_API_URL"):
         raise RequantError("PREFECT_API_URL is not set: start `prefect server start` (or use Prefect Cloud) and export its API URL")
     from flows.deploy import serve
+    from flows.runners import require_prefect_api
 
+    require_prefect_api()
     serve(settings, args.params)
     return 0
 

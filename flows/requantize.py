@@ -158,7 +158,8 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
             family = open_model(source.folder, settings.model.family, settings.model.max_length,
                                 settings.model.allow_pickle_weights)
         with clock.phase("data"):
-            data = prepare_data(project, settings.data.output_dir)
+            # The data stage of the params file actually given (not always params.yaml's).
+            data = prepare_data(project, settings.data.output_dir, Path(params_path).resolve())
             calibration = pd.read_csv(data.calibration_path, dtype=str, keep_default_na=False)
             evaluation = pd.read_csv(data.evaluation_path, dtype=str, keep_default_na=False)
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import urllib.error
+import urllib.request
+
+from tasks.errors import RequantError
 from tasks.settings import OperationsSettings, Settings
 
 
@@ -28,3 +33,26 @@ def requantize_for(settings: Settings):
     from flows.requantize import requantize
 
     return requantize.with_options(task_runner=task_runner(settings.operations))
+
+
+def require_prefect_api(timeout_s: float = 10.0) -> None:
+    """Check that the Prefect server named by PREFECT_API_URL answers, if one is named.
+
+    Without the check an unreachable server surfaces as a Prefect traceback once the flow starts.
+    Unset, Prefect starts a temporary local server itself and there is nothing to check.
+
+    Raises:
+        RequantError: the server does not answer its /health endpoint within timeout_s.
+    """
+    api = os.environ.get("PREFECT_API_URL")
+    if not api:
+        return
+    try:
+        with urllib.request.urlopen(f"{api.rstrip('/')}/health", timeout=timeout_s):
+            return
+    except urllib.error.HTTPError as exc:
+        reason = f"HTTP {exc.code} from /health: is this a Prefect API URL (ending in /api)?"
+    except (urllib.error.URLError, OSError) as exc:
+        reason = str(getattr(exc, "reason", exc))
+    raise RequantError(f"Prefect API {api} cannot be used ({reason}): start it (`prefect server start`) "
+                       "or unset PREFECT_API_URL to let requant start a temporary local server")

@@ -16,6 +16,12 @@ DEFAULTS = {
     "TOKENIZERS_PARALLELISM": "false",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
+    # MLflow retries an unreachable server 7 times with a doubling backoff (~4 minutes) and waits
+    # 120 s per request. Bounded here: 3 retries 0/2/4 s apart (< 10 s for a closed port), 30 s per
+    # request, then one error line. A user's own values win (setdefault).
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
 
 
@@ -31,6 +37,8 @@ def configure(verbose: bool = False) -> None:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        # urllib3 logs each retry of an unreachable server; the one error line that follows says it.
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     # Root at WARNING: onnxruntime's quantizer logs every tensor at INFO on the root logger.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for handler in logging.getLogger().handlers:

@@ -34,17 +34,24 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def require_file(path: Path) -> None:
+    """Raise a one-line DataError unless `path` is an existing file."""
+    if not Path(path).is_file():
+        what = "is a folder, not a file" if Path(path).is_dir() else "not found"
+        raise DataError(
+            f"data file {path} {what}: set data.train_csv/test_csv in params.yaml "
+            "to your copy (see README, 'Data')"
+        )
+
+
 def load_split(path: Path, text_column: str, label_column: str, expected_sha256: str | None) -> pd.DataFrame:
     """Read one split, check its hash, and return it with columns `text` and `label`.
 
     Raises:
-        DataError: the file is missing, its hash differs from params.yaml, or a column is absent.
+        DataError: the file is missing, unreadable, empty, not UTF-8 or not a CSV, has no rows, its
+            hash differs from params.yaml, or a column is absent.
     """
-    if not path.is_file():
-        raise DataError(
-            f"data file {path} not found: set data.train_csv/test_csv in params.yaml "
-            "to your copy (see README, 'Data')"
-        )
+    require_file(path)
     if expected_sha256:
         actual = sha256_of(path)
         if actual != expected_sha256.lower():
@@ -52,14 +59,42 @@ def load_split(path: Path, text_column: str, label_column: str, expected_sha256:
                 f"data file {path} has sha256 {actual[:12]}..., expected {expected_sha256[:12]}...: "
                 "the file is altered or a different version; restore the original or update the hash in params.yaml"
             )
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    frame = _read_csv(path)
     missing = [c for c in (text_column, label_column) if c not in frame.columns]
     if missing:
         raise DataError(
             f"{path} has no column(s) {missing} (columns: {list(frame.columns)}): "
             "set data.text_column/label_column in params.yaml"
         )
+    if frame.empty:
+        raise DataError(f"{path} has a header but no rows: point data.train_csv/test_csv in params.yaml at a file with labelled rows")
     return frame[[text_column, label_column]].rename(columns={text_column: TEXT, label_column: LABEL})
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    """Read a CSV as strings, turning pandas' and the codec's exceptions into one-line DataErrors."""
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 ({_first_bad_byte(path)}): "
+                        "re-encode it as UTF-8, e.g. `iconv -f latin1 -t utf-8`") from exc
+    except pd.errors.EmptyDataError as exc:
+        raise DataError(f"{path} is empty: it needs a header line and labelled rows (see README, 'Data')") from exc
+    except pd.errors.ParserError as exc:
+        raise DataError(f"{path} is not a well-formed CSV ({str(exc).strip().splitlines()[-1]}): fix the file or quote its fields") from exc
+    except OSError as exc:
+        raise DataError(f"{path} cannot be read ({exc.strerror or exc}): check its permissions") from exc
+
+
+def _first_bad_byte(path: Path) -> str:
+    # pandas reports offsets within its read buffer; decode the file again to name the line.
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        return f"byte {data[exc.start]:#04x} on line {line}"
+    return "an invalid byte"
 
 
 def stratified_sample(frame: pd.DataFrame, size: int, seed: int) -> pd.DataFrame:
@@ -103,6 +138,14 @@ def build_sets(train: pd.DataFrame, test: pd.DataFrame, settings: DataSettings) 
     evaluation = test if settings.eval_size is None else stratified_sample(test, settings.eval_size, settings.seed)
     evaluation = evaluation.reset_index(drop=True)
     leaked = _normalised(train[TEXT]).isin(set(_normalised(evaluation[TEXT])))
+    usable = int((~leaked).sum())
+    # Asking for more calibration rows than exist must not quietly calibrate on fewer.
+    if settings.calibration_size > usable:
+        raise DataError(
+            f"data.calibration_size is {settings.calibration_size} but {settings.train_csv} gives only {usable} rows "
+            f"for calibration{f' ({int(leaked.sum())} more share their text with the evaluation set)' if leaked.any() else ''}: "
+            f"lower data.calibration_size to at most {usable} in params.yaml or add training rows"
+        )
     calibration = stratified_sample(train[~leaked], settings.calibration_size, settings.seed)
     return calibration, evaluation
 
@@ -128,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         calibration_path, evaluation_path = prepare(load_settings(args.params).data)
     except RequantError as exc:
+        # One line, which `requant run` quotes as the reason the DVC stage failed.
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {calibration_path} and {evaluation_path}")

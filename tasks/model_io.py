@@ -66,21 +66,34 @@ def read_model_card(folder: Path) -> ModelCard:
     """Read and check a model folder's card.
 
     Raises:
-        ModelSourceError: the folder is missing or is not a requant model folder.
+        ModelSourceError: the folder is missing, is a file, lacks a part, or its card is unreadable.
     """
     folder = Path(folder)
+    if folder.is_file():
+        raise ModelSourceError(f"model path {folder} is a file, not a model folder: point --model (or model.source_uri) "
+                               f"at the folder that holds {MODEL_CARD}")
     if not folder.is_dir():
         raise ModelSourceError(f"model folder {folder} does not exist: pass a registered model URI or an existing folder")
     card_path = folder / MODEL_CARD
-    if not card_path.is_file() or not (folder / HEAD_FILE).is_file() or not (folder / ENCODER_DIR).is_dir():
+    missing = [name for name, present in ((MODEL_CARD, card_path.is_file()), (HEAD_FILE, (folder / HEAD_FILE).is_file()),
+                                          (f"{ENCODER_DIR}/", (folder / ENCODER_DIR).is_dir())) if not present]
+    if missing:
         raise ModelSourceError(
-            f"{folder} is not a requant model folder (needs {MODEL_CARD}, {HEAD_FILE}, {ENCODER_DIR}/): "
-            "train one with `requant train` or point --model at such a folder"
+            f"{folder} is not a requant model folder (needs {MODEL_CARD}, {HEAD_FILE}, {ENCODER_DIR}/; "
+            f"missing {', '.join(missing)}): train one with `requant train` or point --model at such a folder"
         )
-    raw = json.loads(card_path.read_text())
-    if raw.get("format") != FORMAT:
-        raise ModelSourceError(f"{card_path} has format {raw.get('format')!r}, expected {FORMAT!r}")
-    return ModelCard(labels=list(raw["labels"]), max_length=int(raw["max_length"]), normalize=bool(raw["normalize"]))
+    try:
+        raw = json.loads(card_path.read_text())
+        if raw.get("format") != FORMAT:
+            raise ModelSourceError(f"{card_path} has format {raw.get('format')!r}, expected {FORMAT!r}: "
+                                   "it was not written by requant; re-export the model with `requant train`")
+        return ModelCard(labels=[str(label) for label in raw["labels"]], max_length=int(raw["max_length"]),
+                         normalize=bool(raw["normalize"]))
+    except ModelSourceError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+        raise ModelSourceError(f"{card_path} is not a valid model card ({type(exc).__name__}: {exc}): "
+                               "restore the folder from the registry or re-export it with `requant train`") from exc
 
 
 def load_tokenizer(encoder_dir: Path, input_names: Sequence[str] = ONNX_INPUTS):
@@ -143,13 +156,26 @@ def build_classifier(encoder_dir: Path, head_weight: np.ndarray, head_bias: np.n
 
 
 def load_classifier(folder: Path):
-    """Load a model folder as (eager classifier, tokenizer, card)."""
+    """Load a model folder as (eager classifier, tokenizer, card).
+
+    Raises:
+        ModelSourceError: the folder is not a model folder, or a weight or tokenizer file in it
+            is truncated or corrupt (safetensors, transformers and tokenizers raise their own
+            exception types for that; they are reported in one line).
+    """
     from safetensors.numpy import load_file
 
     card = read_model_card(folder)
-    head = load_file(str(Path(folder) / HEAD_FILE))
-    classifier = build_classifier(Path(folder) / ENCODER_DIR, head["weight"], head["bias"], card.normalize)
-    return classifier, load_tokenizer(Path(folder) / ENCODER_DIR), card
+    try:
+        head = load_file(str(Path(folder) / HEAD_FILE))
+        classifier = build_classifier(Path(folder) / ENCODER_DIR, head["weight"], head["bias"], card.normalize)
+        tokenizer = load_tokenizer(Path(folder) / ENCODER_DIR)
+    except Exception as exc:  # noqa: BLE001 - any load failure means the same thing to the user
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ModelSourceError(f"model folder {folder} cannot be loaded ({type(exc).__name__}: {reason}): "
+                               "a weight or tokenizer file is truncated or corrupt; restore the folder or "
+                               "register the model again") from exc
+    return classifier, tokenizer, card
 
 
 def save_model_folder(folder: Path, encoder_dir: Path, head_weight: np.ndarray, head_bias: np.ndarray, card: ModelCard) -> Path:

@@ -27,7 +27,6 @@ from tasks.recipes.base import QuantizeInputs
 from tasks.serving import ServingAssets
 from tasks.settings import EvaluateSettings, ModelSettings
 
-
 log = logging.getLogger("requant")
 
 

@@ -39,12 +39,24 @@ class DataSettings(_Section):
     label_column: str = Field("category", description="Column holding the class label.")
     calibration_size: int = Field(1000, ge=1, description="Rows in the stratified calibration sample.")
     eval_size: int | None = Field(None, ge=1, description="Cap on evaluation rows (stratified); null = the whole test split.")
-    seed: int = Field(0, description="Seed for every sample drawn from the data.")
+    seed: int = Field(0, ge=0, description="Seed for every sample drawn from the data.")
     output_dir: Path = Field(Path("data/prepared"), description="Where the DVC stage writes calibration.csv and evaluation.csv.")
     min_text_chars: int = Field(1, ge=0, description="Validation: shortest text allowed.")
     max_text_chars: int = Field(1000, ge=1, description="Validation: longest text allowed.")
     min_calibration_rows: int = Field(100, ge=1, description="Validation: fewer calibration rows than this fail (1-sample calibration breaks static INT8).")
     min_eval_rows: int = Field(100, ge=1, description="Validation: fewer evaluation rows than this fail.")
+
+    @model_validator(mode="after")
+    def _bounds_consistent(self) -> "DataSettings":
+        # Contradictory bounds would fail every validation run, only later and less clearly.
+        if self.min_text_chars > self.max_text_chars:
+            raise ValueError(f"min_text_chars ({self.min_text_chars}) exceeds max_text_chars ({self.max_text_chars})")
+        if self.min_calibration_rows > self.calibration_size:
+            raise ValueError(f"min_calibration_rows ({self.min_calibration_rows}) exceeds calibration_size "
+                             f"({self.calibration_size}): every calibration set would fail validation")
+        if self.eval_size is not None and self.min_eval_rows > self.eval_size:
+            raise ValueError(f"min_eval_rows ({self.min_eval_rows}) exceeds eval_size ({self.eval_size})")
+        return self
 
 
 class ModelSettings(_Section):
@@ -92,14 +104,14 @@ class TrainSettings(_Section):
     c_grid: list[float] = Field([1.0, 10.0, 100.0], min_length=1, description="Inverse regularisation strengths tried.")
     holdout_fraction: float = Field(0.1, gt=0, lt=0.5, description="Train fraction held out to pick C.")
     batch_size: int = Field(64, ge=1, description="Embedding batch size.")
-    seed: int = Field(0, description="Seed for the holdout split and the solver.")
+    seed: int = Field(0, ge=0, description="Seed for the holdout split and the solver.")
     finetune: FinetuneSettings = FinetuneSettings()
 
 
 class CandidateSpec(_Section):
     """One quantized candidate: a registered recipe and its config (validated by the recipe)."""
 
-    name: str = Field(description="Candidate name shown in the table and MLflow, e.g. int8-dynamic-per-channel.")
+    name: str = Field(min_length=1, description="Candidate name shown in the table and MLflow, e.g. int8-dynamic-per-channel.")
     recipe: str = Field(description="Registered recipe id; `requant recipes` lists them.")
     config: dict[str, Any] = Field(default_factory=dict, description="Recipe config; keys are the recipe's declared fields.")
 
@@ -175,6 +187,16 @@ class HardwareProfile(_Section):
     usd_per_hour: float = Field(gt=0, description="On-demand price in USD per hour.")
     cpu_match: str | None = Field(None, description="Regex on the CPU model name; with measured_profile: auto, a host that matches is priced as this profile.")
     description: str = Field("", description="What the machine is (vCPUs, CPU family).")
+
+    @field_validator("cpu_match")
+    @classmethod
+    def _regex_compiles(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"cpu_match {pattern!r} is not a valid regular expression ({exc})") from None
+        return pattern
 
 
 class TrafficSettings(_Section):
@@ -288,7 +310,7 @@ def load_settings(path: str | Path) -> Settings:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(top level)"
         raise SettingsError(
-            f"{path}: '{where}': {first['msg']} ({exc.error_count()} problem(s)); fix params.yaml"
+            f"{path}: '{where}': {first['msg'].removeprefix('Value error, ')} ({exc.error_count()} problem(s)); fix params.yaml"
         ) from exc
     # Recipe configs (every point of a declared grid) are checked now, not when the recipe runs.
     from tasks.recipes.base import parse_config
@@ -297,6 +319,8 @@ def load_settings(path: str | Path) -> Settings:
     points = expand_all(settings.quantize.candidates)
     for candidate in points:
         parse_config(candidate.recipe, candidate.config, candidate.name)
+    # Checked even when the search is off: a typo there would surface only once it is switched on.
+    parse_config("int8-dynamic", settings.search.base_config, "search.base_config")
     names = [c.name for c in points]
     if len(set(names)) != len(names):
         raise SettingsError(f"{path}: quantize.candidates expand to duplicate names; rename a candidate")

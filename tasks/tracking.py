@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import time
 import warnings
 from contextlib import contextmanager
@@ -158,7 +159,7 @@ class Tracker:
     def __init__(self, settings: RegistrySettings) -> None:
         _quiet_mlflow()
         import mlflow
-        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
 
         self.settings = settings
         self.uri = tracking_uri(settings)
@@ -171,6 +172,14 @@ class Tracker:
         else:
             os.environ["MLFLOW_TRACKING_URI"] = user_choice
         self._mlflow = mlflow
+        try:
+            self._connect()
+        except MlflowException as exc:
+            raise RequantError(_unreachable(self.uri, exc)) from exc
+
+    def _connect(self) -> None:
+        from mlflow import MlflowClient
+
         if self.uri.startswith("sqlite:///"):
             # Two processes opening a new sqlite store at once race on its schema migration
             # (alembic: "expected to match one row"); the first one creates it, the second waits.
@@ -181,6 +190,10 @@ class Tracker:
                 self.client.search_registered_models(max_results=1)
         else:
             self.client = MlflowClient(self.uri)
+            if self.uri.startswith(("http://", "https://")):
+                # One cheap request now: an unreachable server is reported here in one line
+                # (retries bounded by flows/runtime.py), before a run is opened on it.
+                self.client.search_experiments(max_results=1)
 
     # ----------------------------------------------------------------- experiment and runs
     def experiment_id(self) -> str:
@@ -416,11 +429,11 @@ class Tracker:
         # transformers-flavor model (model/ + components/tokenizer/), downloaded as it was logged.
         from tasks.models.base import detect_family
 
-        if not uri.startswith("models:/"):
+        if parse_model_uri(uri) is None:
             folder = Path(uri).expanduser().resolve()
             detect_family(folder)
             return SourceModel(uri=uri, folder=folder, name=None, version=None, digest=folder_digest(folder))
-        name, version = self._resolve_version(uri)
+        name, version = self.resolve_version(uri)
         dst.mkdir(parents=True, exist_ok=True)
         target = dst / f"{name}-v{version}"
         if not target.is_dir():
@@ -430,22 +443,38 @@ class Tracker:
         detect_family(target)
         return SourceModel(uri=uri, folder=target, name=name, version=version, digest=folder_digest(target))
 
-    def _resolve_version(self, uri: str) -> tuple[str, str]:
+    def resolve_version(self, uri: str) -> tuple[str, str]:
+        """(name, version) of the registered version a models:/ URI names.
+
+        Raises:
+            ModelSourceError: a malformed URI, or one naming a model, alias or version the registry
+                does not have (the message lists what it has).
+        """
         from mlflow.exceptions import MlflowException
 
-        ref = uri[len("models:/"):]
+        name, version, alias = parse_model_uri(uri)
         try:
-            if "@" in ref:
-                name, alias = ref.split("@", 1)
+            if alias:
                 return name, str(self.client.get_model_version_by_alias(name, alias).version)
-            name, _, version = ref.partition("/")
-            if not version:
-                raise ModelSourceError(f"model URI {uri} names no version: use models:/NAME/VERSION or models:/NAME@ALIAS")
             return name, str(self.client.get_model_version(name, version).version)
         except MlflowException as exc:
-            raise ModelSourceError(
-                f"model {uri} not found in the registry at {self.uri}: run `requant train` first or pass --model with an existing version"
-            ) from exc
+            raise ModelSourceError(self._not_found(uri, name, version, alias)) from exc
+
+    def _not_found(self, uri: str, name: str, version: str | None, alias: str | None) -> str:
+        """Say which part of a model URI the registry does not know, and what it has instead."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            model = self.client.get_registered_model(name)
+        except MlflowException:
+            return (f"model {uri} not found: the registry at {self.uri} has no model named '{name}'; "
+                    "run `requant train` first or pass --model with an existing model")
+        if alias:
+            known = ", ".join(sorted(model.aliases)) or "none"
+            return f"model {uri} not found: '{name}' has no alias '{alias}' (aliases: {known}); pass an existing alias or version"
+        versions = sorted(int(v.version) for v in self.client.search_model_versions(f"name = '{name}'"))
+        return (f"model {uri} not found: '{name}' has no version {version} (versions: "
+                f"{', '.join(map(str, versions[-10:])) or 'none'}); pass an existing version")
 
     def _ensure_registered_model(self, name: str) -> None:
         from mlflow.exceptions import MlflowException
@@ -625,6 +654,52 @@ class Tracker:
         path = self._mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=DECISION_FILE)
         return {"run_id": run.info.run_id, "status": run.info.status, "tags": run.data.tags,
                 "decision": json.loads(Path(path).read_text())}
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None] | None:
+    """Split a registry URI into (name, version, alias); None for a local folder path.
+
+    Only `models:/NAME/VERSION` and `models:/NAME@ALIAS` name a registered model version; other
+    URI schemes (runs:/, s3://, ...) are refused, since requant needs a version to record lineage.
+
+    Raises:
+        ModelSourceError: a URI that is not one of the two registry forms.
+    """
+    fix = "use models:/NAME/VERSION, models:/NAME@ALIAS or a local model folder"
+    if not uri.startswith("models:/"):
+        scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]+):/", uri)  # two letters or more: not a drive
+        if scheme:
+            raise ModelSourceError(f"model URI {uri} uses the {scheme.group(1)}: scheme, which requant does not read: "
+                                   f"register the model and {fix}")
+        return None
+    ref = uri[len("models:/"):]
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        if name and alias and "/" not in name + alias:
+            return name, None, alias
+    else:
+        name, _, version = ref.partition("/")
+        if name and version.isdigit():
+            return name, version, None
+        if name and not version:
+            raise ModelSourceError(f"model URI {uri} names no version: {fix}")
+    raise ModelSourceError(f"model URI {uri} is not a registry URI requant reads: {fix}")
+
+
+def _unreachable(uri: str, exc: Exception) -> str:
+    """One line for a tracking store that cannot be opened or does not answer."""
+    text = str(exc)
+    refused = re.search(r"\[Errno -?\d+\] ([^\"')]+)", text)
+    if refused:
+        reason = refused.group(1).strip()
+    elif "unsupported URI" in text:
+        reason = "not a URI scheme MLflow supports: sqlite:///PATH, http(s)://HOST:PORT, postgresql://..."
+    else:
+        reason = (text.strip().splitlines() or [type(exc).__name__])[0][:200]
+        if uri.startswith(("http://", "https://")):
+            reason += "; is it an MLflow tracking server?"
+    return (f"MLflow tracking store {uri} cannot be used ({reason}): start the server, or set registry.tracking_uri "
+            "in params.yaml (or MLFLOW_TRACKING_URI) to a reachable one")
 
 
 def folder_digest(folder: Path) -> str:

@@ -2,6 +2,7 @@ import pandas as pd
 import pytest
 
 from tasks.data_prep import (
+    CALIBRATION_FILE,
     LABEL,
     TEXT,
     build_sets,
@@ -20,6 +21,8 @@ def frame(counts: dict[str, int]) -> pd.DataFrame:
 
 
 def settings(tmp_path, **kw) -> DataSettings:
+    # Small samples: the validation floor (min_calibration_rows, default 100) must not exceed them.
+    kw = {"min_calibration_rows": 1, **kw}
     return DataSettings(train_csv=tmp_path / "train.csv", test_csv=tmp_path / "test.csv", output_dir=tmp_path / "out", **kw)
 
 
@@ -75,3 +78,91 @@ def test_prepare_writes_both_sets_with_renamed_columns(tmp_path):
                                                          calibration_size=10))
     assert list(pd.read_csv(calibration_path).columns) == [TEXT, LABEL]
     assert len(pd.read_csv(calibration_path)) == 10 and len(pd.read_csv(evaluation_path)) == 10
+
+
+def test_build_sets_refuses_a_calibration_size_larger_than_the_train_split(tmp_path):
+    train, test = frame({"a": 10, "b": 10}), frame({"a": 3, "b": 3}).assign(text=lambda f: f[TEXT] + " test")
+    with pytest.raises(DataError, match=r"calibration_size is 21 but .*train.csv gives only 20 rows.*at most 20"):
+        build_sets(train, test, settings(tmp_path, calibration_size=21))
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty"),
+    (b"text,label\n", "has a header but no rows"),
+    ("text,label\ncaf\u00e9,a\n".encode("latin-1"), r"is not UTF-8 \(byte 0xe9 on line 2\).*iconv"),
+    (b'text,label\n"a,b\n', "is not a well-formed CSV"),
+])
+def test_load_split_refuses_unreadable_files_naming_the_file(tmp_path, content, message):
+    path = tmp_path / "train.csv"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message) as refused:
+        load_split(path, TEXT, LABEL, None)
+    assert str(refused.value).startswith(str(path))
+
+
+@pytest.fixture
+def dvc_project(tmp_path):
+    from tests.conftest import banking77_slice, make_project
+
+    train, test = banking77_slice(tmp_path / "data", intents=3, train_per_intent=20, test_per_intent=10)
+    return make_project(tmp_path / "project", {"data": {
+        "train_csv": str(train), "test_csv": str(test), "train_sha256": None, "test_sha256": None,
+        "calibration_size": 30, "min_calibration_rows": 3, "min_eval_rows": 3}})
+
+
+def _other_params(project, **data):
+    import yaml
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"].update(data)
+    (project / "other.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return project / "other.yaml"
+
+
+def test_reproduce_prepares_the_data_of_the_params_file_given_with_its_own_stage_and_lock(dvc_project):
+    from tasks.data_version import reproduce
+
+    default = reproduce(dvc_project, dvc_project / "data" / "prepared")
+    main_lock = (dvc_project / "dvc.lock").read_text()
+    other = reproduce(dvc_project, dvc_project / "data" / "prepared-other",
+                      _other_params(dvc_project, calibration_size=12, output_dir="data/prepared-other"))
+    assert len(pd.read_csv(dvc_project / "data" / "prepared-other" / CALIBRATION_FILE)) == 12
+    assert len(pd.read_csv(default.calibration_path)) == 30
+    assert other.version != default.version
+    assert (dvc_project / "stages" / "other" / "dvc.lock").is_file()
+    assert (dvc_project / "dvc.lock").read_text() == main_lock  # params.yaml's lock entry is untouched
+    # Plain `dvc repro` still means params.yaml's stage, and nothing is out of date.
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=dvc_project, capture_output=True, text=True)
+    assert done.returncode == 0 and "up to date" in done.stdout, done.stdout + done.stderr
+
+
+def test_reproduce_quotes_the_stage_error_and_keeps_no_stage_that_never_ran(dvc_project, tmp_path):
+    from tasks.data_version import reproduce
+
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("text,category\n")
+    with pytest.raises(DataError, match=r"failed: .*header.csv has a header but no rows"):
+        reproduce(dvc_project, dvc_project / "data" / "prepared-other",
+                  _other_params(dvc_project, train_csv=str(header_only), output_dir="data/prepared-other"))
+    assert not (dvc_project / "stages").exists()
+
+
+def test_reproduce_refuses_a_params_file_writing_where_another_stage_writes(dvc_project):
+    from tasks.data_version import reproduce
+
+    with pytest.raises(DataError, match=r"data.output_dir data/prepared is where DVC stage 'dvc.yaml:prepare_data'"):
+        reproduce(dvc_project, dvc_project / "data" / "prepared", _other_params(dvc_project, calibration_size=12))
+    assert not (dvc_project / "stages").exists()
+
+
+def test_stage_failure_prefers_the_stage_line_then_its_exception_then_dvc():
+    from tasks.data_version import stage_failure
+
+    dvc = "ERROR: failed to reproduce 'prepare_data': failed to run: python -m tasks.data_prep, exited with 2"
+    assert stage_failure(f"error: train.csv is empty: fix it\n{dvc}") == "train.csv is empty: fix it"
+    traceback = "Traceback (most recent call last):\n  File \"x.py\", line 1\nValueError: No objects to concatenate\n"
+    assert stage_failure(traceback + dvc) == "the stage raised ValueError: No objects to concatenate"
+    assert stage_failure(dvc) == dvc.removeprefix("ERROR: ")

@@ -1,6 +1,7 @@
 """The MLflow adapter against a real sqlite tracking store and file artifact store."""
 
 import threading
+import time
 
 import numpy as np
 import onnx
@@ -8,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from tasks import tracking
-from tasks.errors import ModelSourceError
+from tasks.errors import ModelSourceError, RequantError
 from tasks.settings import RegistrySettings
 from tasks.tracking import Tracker
 
@@ -60,6 +61,51 @@ def test_register_source_then_fetch_it_by_alias_and_version(tracker, tiny_model_
 def test_fetch_source_unknown_model_says_how_to_fix(tracker, tmp_path):
     with pytest.raises(ModelSourceError, match="requant train"):
         tracker.fetch_source("models:/nope@champion", tmp_path)
+
+
+def test_fetch_source_unknown_alias_or_version_lists_what_the_registry_has(tracker, tiny_model_folder, tmp_path):
+    tracker.register_source(tiny_model_folder, "src", "champion", "train", {"C": 1}, {"test_accuracy": 0.9})
+    with pytest.raises(ModelSourceError, match=r"'src' has no alias 'nope' \(aliases: champion\)"):
+        tracker.fetch_source("models:/src@nope", tmp_path)
+    with pytest.raises(ModelSourceError, match=r"'src' has no version 7 \(versions: 1\)"):
+        tracker.fetch_source("models:/src/7", tmp_path)
+
+
+@pytest.mark.parametrize("uri, parsed", [
+    ("models:/m/3", ("m", "3", None)),
+    ("models:/m@champion", ("m", None, "champion")),
+    ("/abs/model-folder", None),
+    ("relative/folder", None),
+])
+def test_parse_model_uri_reads_registry_forms_and_local_paths(uri, parsed):
+    assert tracking.parse_model_uri(uri) == parsed
+
+
+@pytest.mark.parametrize("uri, message", [
+    ("models:/m", "names no version"),
+    ("models:/m/", "names no version"),
+    ("models:/m/latest", "not a registry URI"),
+    ("models:/@alias", "not a registry URI"),
+    ("runs:/abc/model", "runs: scheme"),
+    ("s3://bucket/model", "s3: scheme"),
+])
+def test_parse_model_uri_refuses_other_forms_in_one_line(uri, message):
+    with pytest.raises(ModelSourceError, match=message):
+        tracking.parse_model_uri(uri)
+
+
+def test_tracker_on_a_closed_port_fails_in_one_line_within_bounded_retries(monkeypatch):
+    from flows import runtime
+    from tests.servers import free_port
+
+    for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.setenv(key, runtime.DEFAULTS[key])
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(RequantError, match=r"cannot be used \(Connection refused\).*registry.tracking_uri"):
+        Tracker(RegistrySettings(tracking_uri=uri))
+    assert time.monotonic() - start < 30  # MLflow's own defaults: ~4 minutes
 
 
 def test_fetch_source_rejects_a_folder_that_is_not_a_model(tracker, tmp_path):
