@@ -150,11 +150,19 @@ def detect_family(folder: Path) -> type[ModelFamily]:
     """
     _load_all()
     folder = Path(folder)
+    if folder.is_file():
+        raise ModelSourceError(f"model path {folder} is a file, not a model folder: point --model (or model.source_uri) "
+                               "at the folder that holds the model")
     if not folder.is_dir():
         raise ModelSourceError(f"model folder {folder} does not exist: pass a registered model URI or an existing folder")
     for cls in sorted(ModelFamily.registry.values(), key=lambda c: c.detect_order):
         if cls.detect(folder):
             return cls
+    if not (folder / "config.json").is_file() and not (folder / "MLmodel").is_file():
+        # Not Hugging Face-shaped: say which parts of requant's own format are missing.
+        from tasks.model_io import read_model_card
+
+        read_model_card(folder)
     raise ModelSourceError(
         f"{folder} is not a requant model folder nor a Hugging Face classifier folder (needs requant_model.json, "
         "or config.json with its weights and tokenizer): train one with `requant train` or point --model at such a folder"
