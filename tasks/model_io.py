@@ -155,6 +155,24 @@ def build_classifier(encoder_dir: Path, head_weight: np.ndarray, head_bias: np.n
     return TextClassifier().eval()
 
 
+def check_safetensors(*paths: Path) -> None:
+    """Read each safetensors file's header and tensor table: a truncated or corrupt file fails in one line.
+
+    Raises:
+        ModelSourceError: naming the file that cannot be read.
+    """
+    from safetensors import safe_open
+
+    for path in paths:
+        try:
+            with safe_open(str(path), framework="np") as handle:
+                handle.keys()
+        except Exception as exc:  # safetensors raises its own SafetensorError
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise ModelSourceError(f"{path} is truncated or corrupt ({reason}): restore the model folder or register "
+                                   "the model again") from exc
+
+
 def load_classifier(folder: Path):
     """Load a model folder as (eager classifier, tokenizer, card).
 

@@ -10,8 +10,9 @@ from tasks.model_io import (
     MODEL_CARD,
     ONNX_INPUTS,
     ModelCard,
-    build_classifier,
+    check_safetensors,
     export_onnx,
+    load_classifier,
     read_model_card,
 )
 from tasks.models.base import ModelFamily
@@ -35,6 +36,8 @@ class RequantHead(ModelFamily):
 
             raise ModelSourceError(f"{self.folder / ENCODER_DIR} holds no model.safetensors: requant model folders "
                                    "store the encoder as safetensors; re-train it with `requant train`")
+        # A truncated or corrupt weight file fails here, on its header, before any work starts.
+        check_safetensors(self.folder / HEAD_FILE, self.folder / ENCODER_DIR / "model.safetensors")
 
     @property
     def labels(self) -> list[str]:
@@ -53,10 +56,8 @@ class RequantHead(ModelFamily):
 
     def load_reference(self):
         if getattr(self, "_classifier", None) is None:
-            from safetensors.numpy import load_file
-
-            head = load_file(str(self.folder / HEAD_FILE))
-            self._classifier = build_classifier(self.folder / ENCODER_DIR, head["weight"], head["bias"], self.card.normalize)
+            # load_classifier reports a file that cannot be loaded in one line (ModelSourceError).
+            self._classifier, _, _ = load_classifier(self.folder)
         return self._classifier
 
     def export_onnx(self, out_path: Path, opset: int) -> Path:
