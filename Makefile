@@ -18,6 +18,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 setup: $(BIN)/.installed
 
 run: setup
+	$(BIN)/requant fetch-data
 	$(BIN)/requant train --if-missing
 	$(BIN)/requant run
 
