@@ -38,6 +38,8 @@ REPO = INFRA.parent
 HOST = "127.0.0.1"
 BIN = Path(sys.executable).parent
 POOL = "requant-pool"
+# The PostgreSQL major version the stack runs; infra/docker-compose.yml uses the same image major.
+POSTGRES_MAJOR = "15"
 S3_BUCKET_DEFAULT = "requant"
 REQUANT_USER = "requant"
 # Heartbeats every 30 s (Prefect's minimum); a run silent for ZOMBIE_AFTER_S is marked Crashed.
@@ -241,7 +243,7 @@ def stop_service(stack: Stack, service: str, grace_s: float = 15.0) -> bool:
 # ----------------------------------------------------------------------------- PostgreSQL
 def _pg_bin() -> Path:
     configured = os.environ.get("PG_BIN")
-    candidates = [Path(configured)] if configured else sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+    candidates = [Path(configured)] if configured else [Path(f"/usr/lib/postgresql/{POSTGRES_MAJOR}/bin")]
     for folder in candidates:
         if (folder / "initdb").exists():
             return folder
