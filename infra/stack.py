@@ -213,7 +213,7 @@ def _wait_http(stack: Stack, service: str, url: str, timeout_s: float, auth: tup
 
 
 def _run(command: list[str], env: dict[str, str] | None = None, cwd: Path | None = None, what: str = "") -> str:
-    done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True)
+    done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise StackError(f"{what or command[0]} failed ({done.returncode}): {(done.stderr or done.stdout)[-2000:]}")
     return done.stdout
@@ -290,7 +290,7 @@ def _stop_postgres(stack: Stack) -> bool:
     if not running:
         return False
     subprocess.run(_as_postgres([str(_pg_bin() / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
-                   capture_output=True)
+                   capture_output=True, check=False)
     return True
 
 
@@ -550,8 +550,7 @@ def status(stack: Stack) -> dict[str, int | None]:
 
 def restart(stack: Stack, service: str) -> None:
     """Stop one service by its PID and start it again with the same ports, secrets and state."""
-    config = stack.config()
-    code, params = Path(config["code"]), Path(config["params"])
+    code = Path(stack.config()["code"])
     stop_service(stack, service)
     if service == "mlflow":
         _start_mlflow(stack)
@@ -564,7 +563,6 @@ def restart(stack: Stack, service: str) -> None:
         _wait_http(stack, "webhook-receiver", urls(stack.ports())["receiver"], 60)
     else:
         raise StackError(f"restart supports mlflow, prefect-worker and webhook-receiver, not {service}")
-    del params
 
 
 def main(argv: list[str] | None = None) -> int:

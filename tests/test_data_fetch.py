@@ -57,7 +57,7 @@ def fetch_project(tmp_path: Path, **data) -> Path:
 
 def fetch_data(params: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "flows.cli", "fetch-data", "--params", str(params)],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+                          capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
 
 
 def test_fetch_data_downloads_missing_csvs_from_the_public_source_and_checks_them(tmp_path):
