@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import psutil
 import pytest
 
@@ -34,6 +35,7 @@ ALIAS_BOUND_S = 600
 # Heartbeats every 30 s, a run silent for 75 s is crashed; the trigger service evaluates every few seconds.
 CRASH_BOUND_S = 240
 TIMINGS: dict[str, float] = {}
+VERSION_FOLDERS: list[Path] = []
 
 
 def stack_cli(state: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -147,6 +149,8 @@ def stack(tmp_path_factory, tiny_model_folder):
         print(down.stdout + down.stderr)
         if down.returncode == 0:
             shutil.rmtree(state, ignore_errors=True)
+        for folder in VERSION_FOLDERS:
+            shutil.rmtree(folder, ignore_errors=True)
         print("stack timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in TIMINGS.items()))
 
 
@@ -158,8 +162,36 @@ def tracker(stack):
     return Tracker(RegistrySettings(tracking_uri=stack.mlflow_url, artifact_location=None, serving_model_name=SERVING))
 
 
+def retire_production(stack: Stack) -> None:
+    """Unset @production, as the admin (requant's user may move the alias, not delete it).
+
+    Each phase below registers a new version of a tiny random model; with a production model to
+    beat, such a version rarely wins beyond noise and production is rightly kept. Without one, the
+    winner is promoted, so the alias moving shows the whole path ran.
+    """
+    admin = (os.environ.get("MLFLOW_ADMIN_USERNAME", "admin"), stack.secrets["MLFLOW_ADMIN_PASSWORD"])
+    httpx.request("DELETE", f"{stack.mlflow_url}/api/2.0/mlflow/registered-models/alias", auth=admin, timeout=30,
+                  json={"name": SERVING, "alias": "production"}).raise_for_status()
+
+
 def register_source(tracker, tiny_model_folder) -> str:
-    return tracker.register_source(tiny_model_folder, SOURCE, "champion", "train", {}, {"test_accuracy": 0.5})
+    """Register a new source version whose content differs from every earlier one.
+
+    The same bytes would be "already decided" (the decision key covers the model's content), so each
+    version gets its own head: the tiny model's, nudged by a seed.
+    """
+    from safetensors.numpy import load_file, save_file
+
+    from tasks.model_io import HEAD_FILE
+
+    seed = len(VERSION_FOLDERS) + 1
+    folder = Path(tempfile.mkdtemp(prefix=f"tiny-src-{seed}-"))
+    shutil.copytree(tiny_model_folder, folder, dirs_exist_ok=True)
+    head = load_file(str(tiny_model_folder / HEAD_FILE))
+    head["weight"] = head["weight"] + np.random.default_rng(seed).normal(scale=0.01, size=head["weight"].shape).astype(np.float32)
+    save_file(head, str(folder / HEAD_FILE))
+    VERSION_FOLDERS.append(folder)
+    return tracker.register_source(folder, SOURCE, "champion", "train", {}, {"test_accuracy": 0.5})
 
 
 def test_stack_refuses_anonymous_clients_and_requant_is_not_admin(stack):
@@ -213,7 +245,7 @@ def test_new_source_version_fires_the_webhook_and_the_worker_moves_the_alias(sta
 def test_killed_worker_leaves_a_crashed_run_and_the_next_run_promotes_once(stack, tracker, tiny_model_folder):
     from tasks import tracking
 
-    before = production_source_version(tracker.client)
+    retire_production(stack)
     version = register_source(tracker, tiny_model_folder)
     model_uri = f"models:/{SOURCE}/{version}"
     stack.wait_for_runs(model_uri, {"RUNNING"}, 1, ALIAS_BOUND_S)
@@ -230,7 +262,7 @@ def test_killed_worker_leaves_a_crashed_run_and_the_next_run_promotes_once(stack
     start = time.monotonic()
     crashed = stack.wait_for_runs(model_uri, {"CRASHED"}, 1, CRASH_BOUND_S)
     TIMINGS["killed run marked crashed"] = time.monotonic() - start
-    assert production_source_version(tracker.client) == before, "a killed run must not move the alias"
+    assert production_source_version(tracker.client) is None, "a killed run must not move the alias"
 
     restarted = stack_cli(stack.state, "restart", "prefect-worker")
     assert restarted.returncode == 0, restarted.stderr
@@ -252,6 +284,7 @@ def test_killed_worker_leaves_a_crashed_run_and_the_next_run_promotes_once(stack
 
 
 def test_restarted_mlflow_server_still_delivers_the_webhook(stack, tracker, tiny_model_folder):
+    retire_production(stack)
     start = time.monotonic()
     restarted = stack_cli(stack.state, "restart", "mlflow")
     TIMINGS["mlflow restart"] = time.monotonic() - start
@@ -263,6 +296,7 @@ def test_restarted_mlflow_server_still_delivers_the_webhook(stack, tracker, tiny
 
 
 def test_concurrent_runs_of_one_version_are_serialised_and_promote_once(stack, tracker, tiny_model_folder):
+    retire_production(stack)
     version = register_source(tracker, tiny_model_folder)  # the webhook starts one run
     model_uri = f"models:/{SOURCE}/{version}"
     deployment = stack.deployment()
