@@ -5,7 +5,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test bench bench-peers olive-venv
+.PHONY: setup run test bench bench-peers olive-venv stack stack-down stack-status
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +18,22 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 setup: $(BIN)/.installed
 
 run: setup
+	$(BIN)/requant fetch-data
 	$(BIN)/requant train --if-missing
 	$(BIN)/requant run
 
 test: setup
 	$(BIN)/python -m pytest
+
+# The production stack as local processes (no Docker): PostgreSQL, S3, MLflow, Prefect, Dask, worker.
+stack: setup
+	PYTHON=$(BIN)/python infra/stack.sh up
+
+stack-down:
+	PYTHON=$(BIN)/python infra/stack.sh down
+
+stack-status:
+	PYTHON=$(BIN)/python infra/stack.sh status
 
 bench: setup
 	$(BIN)/python benchmarks/time_default_run.py

@@ -8,6 +8,7 @@
     requant serve     serve the requantize deployment: nightly cron + a run per new model version
     requant webhook-receiver   receive MLflow registry webhooks and emit Prefect events
     requant register-webhook   create the MLflow webhook that calls the receiver
+    requant fetch-data         get missing data CSVs from the mirror or the public source (sha256-checked)
 
 Errors a user can fix print one line on stderr and exit 2; nothing is promoted.
 """
@@ -61,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     hook = sub.add_parser("register-webhook", help="Create the MLflow model_version.created webhook.")
     hook.add_argument("--params", default="params.yaml")
     hook.add_argument("--url", required=True, help="The receiver's URL, e.g. http://127.0.0.1:8788/mlflow")
+
+    fetch = sub.add_parser("fetch-data", help="Fetch missing data CSVs (data.mirror_url, then data.source_urls).")
+    fetch.add_argument("--params", default="params.yaml")
     return parser
 
 
@@ -72,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         commands = {"train": _train, "run": _run, "status": _status, "report": _report, "recipes": _recipes, "serve": _serve,
-                    "webhook-receiver": _webhook_receiver, "register-webhook": _register_webhook}
+                    "webhook-receiver": _webhook_receiver, "register-webhook": _register_webhook,
+                    "fetch-data": _fetch_data}
         return commands[args.command](args)
     except RequantError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -217,6 +222,16 @@ def _register_webhook(args) -> int:
         raise RequantError(f"{SECRET_ENV} is not set: choose a secret and export it for both the receiver and this command")
     webhook = Tracker(load_settings(args.params).registry).register_webhook(args.url, secret)
     print(f"webhook {webhook} calls {args.url} on model_version.created")
+    return 0
+
+
+def _fetch_data(args) -> int:
+    from tasks.data_fetch import ensure_data
+    from tasks.settings import load_settings
+
+    for result in ensure_data(load_settings(args.params).data):
+        where = f"fetched from {result.fetched_from} (sha256 checked)" if result.fetched_from else "present"
+        print(f"{result.split}: {result.path}: {where}")
     return 0
 
 

@@ -35,6 +35,12 @@ class DataSettings(_Section):
     test_csv: Path = Field(description="Test split CSV; the evaluation set is taken from it.")
     train_sha256: str | None = Field(None, description="Expected sha256 of train_csv; null skips the check.")
     test_sha256: str | None = Field(None, description="Expected sha256 of test_csv; null skips the check.")
+    mirror_url: str | None = Field(
+        None, description="Local mirror tried first when a CSV is missing (`requant fetch-data`): a folder, or an "
+                          "http(s)/file URL, holding the files under their configured names; null = none.")
+    source_urls: dict[Literal["train", "test"], str] = Field(
+        default_factory=dict, description="Public source of each split, tried after the mirror; a download must have "
+                                          "the pinned *_sha256 or it is refused.")
     text_column: str = Field("text", description="Column holding the input text.")
     label_column: str = Field("category", description="Column holding the class label.")
     calibration_size: int = Field(1000, ge=1, description="Rows in the stratified calibration sample.")
@@ -334,6 +340,8 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
             "train_csv": _absolute(data.train_csv, base),
             "test_csv": _absolute(data.test_csv, base),
             "output_dir": _absolute(data.output_dir, base),
+            "mirror_url": (data.mirror_url if data.mirror_url is None or "://" in data.mirror_url
+                           else str(_absolute(Path(data.mirror_url), base))),
         }
     )
     registry = settings.registry

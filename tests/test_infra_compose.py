@@ -1,7 +1,8 @@
 """What an operator checks in infra/docker-compose.yml before running it.
 
 Docker is not available on the development machines, so the stack is validated structurally: the
-file parses, the services are wired as intended, and no secret is committed.
+file parses, the services are wired as intended, and no secret is committed. The same services run
+as processes under infra/stack.sh (tests/test_stack_e2e.py); the checks at the end keep the two alike.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ INFRA = Path(__file__).resolve().parents[1] / "infra"
 COMPOSE = INFRA / "docker-compose.yml"
 ENV_EXAMPLE = INFRA / ".env.example"
 
-EXPECTED_SERVICES = {"postgres", "minio", "minio-setup", "mlflow", "prefect-server", "prefect-worker",
-                     "dask-scheduler", "dask-worker"}
-REQUANT_IMAGE_SERVICES = {"mlflow", "prefect-server", "prefect-worker", "dask-scheduler", "dask-worker"}
+EXPECTED_SERVICES = {"postgres", "minio", "minio-setup", "mlflow", "mlflow-setup", "prefect-server", "prefect-setup",
+                     "prefect-worker", "webhook-receiver", "dask-scheduler", "dask-worker"}
+REQUANT_IMAGE_SERVICES = {"mlflow", "mlflow-setup", "prefect-server", "prefect-setup", "prefect-worker",
+                          "webhook-receiver", "dask-scheduler", "dask-worker"}
+# Services whose processes run requant code against MLflow: they log in as requant, never as the admin.
+REQUANT_CLIENTS = {"prefect-worker", "dask-worker"}
 # Names of variables that hold credentials; their values must come from the environment.
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|AUTH_STRING|TOKEN|ENCRYPTION_KEY", re.IGNORECASE)
 # A compose interpolation `${VAR}`, `${VAR:-default}`, `${VAR:?message}`; `$${...}` is an escaped `$`.
@@ -85,7 +89,7 @@ def test_dockerfile_installs_cpu_torch_before_the_constrained_package():
     dockerfile = (INFRA / "Dockerfile").read_text()
     assert dockerfile.startswith("#") and "FROM python:3.11-slim" in dockerfile
     torch = dockerfile.index("pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu")
-    package = dockerfile.index("pip install -c constraints.txt .")
+    package = dockerfile.index('pip install -c constraints.txt ".[stack]"')
     assert torch < package, "torch must be installed from the CPU index before the package, or pip pulls a CUDA build"
 
 
@@ -115,7 +119,8 @@ def test_mlflow_runs_with_basic_auth_postgres_and_s3_artifacts(services):
     mlflow = command(services["mlflow"])
     assert re.search(r"\bmlflow server\b", mlflow)
     assert re.search(r"--app-name basic-auth\b", mlflow), mlflow
-    assert re.search(r"--backend-store-uri postgresql://\S+@postgres:5432/mlflow\b", mlflow), mlflow
+    # +psycopg2: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which is not installed.
+    assert re.search(r"--backend-store-uri postgresql\+psycopg2://\S+@postgres:5432/mlflow\b", mlflow), mlflow
     assert re.search(r"--artifacts-destination s3://\S+", mlflow), mlflow
     assert re.search(r"--allowed-hosts \S+", mlflow) and "--allowed-hosts *" not in mlflow, mlflow
     env = environment(services["mlflow"])
@@ -126,7 +131,7 @@ def test_mlflow_runs_with_basic_auth_postgres_and_s3_artifacts(services):
 
 def test_mlflow_auth_config_keeps_users_in_postgres_without_a_password():
     auth_ini = (INFRA / "mlflow" / "basic_auth.ini").read_text()
-    assert re.search(r"^database_uri = postgresql://mlflow@postgres:5432/mlflow_auth$", auth_ini, re.MULTILINE)
+    assert re.search(r"^database_uri = postgresql\+psycopg2://mlflow@postgres:5432/mlflow_auth$", auth_ini, re.MULTILINE)
     assert "admin_password" not in auth_ini
 
 
@@ -192,3 +197,54 @@ def test_env_file_with_real_secrets_is_git_ignored():
     # The operator's filled-in copy sits next to the example; `git add infra/` must not pick it up.
     result = subprocess.run(["git", "check-ignore", "--no-index", "-q", "infra/.env"], cwd=INFRA.parent, check=False)
     assert result.returncode == 0, "infra/.env is not git-ignored: a real secrets file could be committed"
+
+
+def test_dask_workers_share_the_flows_work_folder(services):
+    # The flow passes absolute paths under models/work to the quantize tasks: a Dask worker without
+    # the same volume would build candidates the flow never sees.
+    work_volume = "requant-work:/app/models"
+    assert work_volume in services["prefect-worker"]["volumes"]
+    assert work_volume in services["dask-worker"]["volumes"]
+
+
+def test_flows_and_workers_log_in_to_mlflow_as_requant_not_admin(services):
+    for name in REQUANT_CLIENTS:
+        env = environment(services[name])
+        assert env["MLFLOW_TRACKING_USERNAME"] == "requant", name
+        assert env["MLFLOW_TRACKING_PASSWORD"] == "${REQUANT_MLFLOW_PASSWORD:?set REQUANT_MLFLOW_PASSWORD}", name
+    holders = {name for name, service in services.items() if "MLFLOW_ADMIN_PASSWORD" in str(service.get("environment"))}
+    assert holders == {"mlflow", "mlflow-setup"}, f"only the server and its one-shot set-up may hold the admin password: {holders}"
+    setup = command(services["mlflow-setup"])
+    assert "infra/mlflow_access.py" in setup and (INFRA / "mlflow_access.py").is_file()
+    assert services["mlflow-setup"]["restart"] == "no"
+
+
+def test_mlflow_webhooks_reach_the_receiver_inside_the_stack(services):
+    env = environment(services["mlflow"])
+    assert env["MLFLOW_WEBHOOK_ALLOWED_SCHEMES"] == "http,https" and env["MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS"] == "true"
+    assert re.search(r"\brequant webhook-receiver --host 0\.0\.0\.0 --port 8788\b", command(services["webhook-receiver"]))
+    assert "--url http://webhook-receiver:8788/mlflow" in command(services["mlflow-setup"])
+    secrets = {environment(services[name])["REQUANT_WEBHOOK_SECRET"] for name in ("webhook-receiver", "mlflow-setup")}
+    assert secrets == {"${REQUANT_WEBHOOK_SECRET:?set REQUANT_WEBHOOK_SECRET}"}
+
+
+def test_worker_deploys_from_prefect_yaml_and_crashed_runs_are_detected(services):
+    setup = command(services["prefect-setup"])
+    assert "prefect --no-prompt deploy --all" in setup and "_zombie-automation" in setup
+    worker = environment(services["prefect-worker"])
+    assert worker["REQUANT_PROJECT_DIR"] == "/app" and int(worker["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]) >= 30
+    dockerfile = (INFRA / "Dockerfile").read_text()
+    assert "prefect.yaml" in dockerfile and "infra/mlflow_access.py" in dockerfile
+
+
+def test_compose_and_the_local_stack_agree_on_versions_and_variables(services):
+    import sys
+
+    sys.path.insert(0, str(INFRA))
+    import stack
+
+    assert services["postgres"]["image"].split(":")[1].split(".")[0] == stack.POSTGRES_MAJOR
+    missing = set(stack.SECRET_NAMES) - env_example_variables().keys()
+    assert not missing, f"infra/stack.sh generates secrets that compose does not name: {sorted(missing)}"
+    assert stack.POOL in command(services["prefect-worker"])
+    assert str(stack.HEARTBEAT_S) == environment(services["prefect-worker"])["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]
