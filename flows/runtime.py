@@ -13,6 +13,12 @@ DEFAULTS = {
     "TOKENIZERS_PARALLELISM": "false",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
+    # MLflow retries a failed request 7 times with a doubling backoff (about 4 minutes per call),
+    # so a lost tracking server used to hold a run for many minutes. Transient errors are still
+    # retried, over about 15 s (waits of 0, 2, 4, 8 s plus jitter), and then reported.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
 
 
@@ -33,6 +39,8 @@ def configure(verbose: bool = False) -> None:
     for handler in logging.getLogger().handlers:
         handler.addFilter(_drop_known_advice)
     logging.getLogger("requant").setLevel(logging.INFO)
+    # urllib3 warns on every retry of an unreachable server; the error line that follows says it once.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     # GX warns about every ephemeral docs folder it creates; that is not news.
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
 

@@ -7,7 +7,9 @@ tasks return numbers and this adapter writes them.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import time
 import warnings
@@ -16,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from tasks.errors import ModelSourceError, RequantError
+from tasks import interrupts
+from tasks.errors import ModelSourceError, RequantError, ServiceUnavailable
 from tasks.locking import exclusive
 from tasks.selection import ProductionModel
 from tasks.settings import RegistrySettings
@@ -36,6 +39,10 @@ TAG_MONTHLY_COST = "requant.monthly_cost_usd"
 TAG_FAILURE = "requant.failure"
 DECISION_FILE = "decision.json"
 PIP_REQUIREMENTS = ["onnxruntime==1.32.0", "onnx==1.23.2"]
+# How long a failing run keeps trying to record its FAILED mark on an unreachable server.
+FAILURE_MARK_S = 20.0
+
+log = logging.getLogger("requant")
 
 
 def _quiet_mlflow() -> None:
@@ -117,10 +124,30 @@ class Tracker:
         try:
             yield run_id
         except BaseException as exc:
-            self.client.set_tag(run_id, TAG_FAILURE, str(exc)[:5000])
-            self.client.set_terminated(run_id, "FAILED")
+            self._end_failed(run_id, exc)
             raise
         self.client.set_terminated(run_id, "FINISHED")
+
+    def _end_failed(self, run_id: str, exc: BaseException) -> None:
+        """Mark the run FAILED (KILLED when a signal stopped it) with the reason: best effort, bounded.
+
+        The tracking server may be what failed: retry for FAILURE_MARK_S so that a server coming
+        back in that time still gets the mark, then give up without hiding the original error.
+        An unmarked run is noted on the exception (`requant_unmarked_run`) for the CLI's message.
+        """
+        status = "KILLED" if interrupts.received() else "FAILED"
+        deadline = time.monotonic() + FAILURE_MARK_S
+        with _single_attempt_requests():  # this loop is the retry: one clock for the whole mark
+            while True:
+                try:
+                    self.client.set_tag(run_id, TAG_FAILURE, interrupts.reason(exc)[:5000])
+                    self.client.set_terminated(run_id, status)
+                    return
+                except Exception:  # the server or store is down: the original error matters more
+                    if time.monotonic() >= deadline:
+                        exc.requant_unmarked_run = run_id
+                        return
+                    time.sleep(2.0)
 
     def log_params(self, run_id: str, params: dict) -> None:
         """Log params (stringified, truncated to MLflow's limit)."""
@@ -268,8 +295,13 @@ class Tracker:
 
         try:
             version = self.client.get_model_version_by_alias(self.settings.serving_model_name, self.settings.production_alias)
-        except MlflowException:
-            return None
+        except MlflowException as exc:
+            # Only the registry's own "no such model/alias" means there is no production model; an
+            # unreachable server must not be taken for one (it would promote against nothing).
+            if _is_not_found(exc):
+                return None
+            what = f"cannot read {self.settings.serving_model_name}@{self.settings.production_alias}"
+            raise ServiceUnavailable(f"{what}: {_describe_service_error(exc) or _first_line(exc)}") from exc
         tags = version.tags
         record = ProductionModel(version=str(version.version), accuracy=float(tags.get(TAG_ACCURACY, "nan")),
                                  monthly_cost_usd=float(tags.get(TAG_MONTHLY_COST, "inf")))
@@ -287,10 +319,13 @@ class Tracker:
             self._ensure_registered_model(name)
             existing = self.client.search_model_versions(f"name = '{name}' and tags.`{TAG_KEY}` = '{tags[TAG_KEY]}'")
             version = existing[0] if existing else self._mlflow.register_model(model_uri, name, tags=tags)
+            interrupts.check()  # never move the alias after Ctrl-C or SIGTERM
+            log.info("moving %s@%s to version %s", name, alias, version.version)
             self.client.set_registered_model_alias(name, alias, version.version)
             now = self.client.get_model_version_by_alias(name, alias)
             if str(now.version) != str(version.version):
                 raise RequantError(f"alias {name}@{alias} reads back version {now.version}, expected {version.version}")
+            log.info("moved %s@%s to version %s", name, alias, version.version)
         return str(version.version)
 
     def register_webhook(self, url: str, secret: str, name: str = "requant-retune") -> str:
@@ -318,6 +353,76 @@ class Tracker:
         path = self._mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=DECISION_FILE)
         return {"run_id": run.info.run_id, "status": run.info.status, "tags": run.data.tags,
                 "decision": json.loads(Path(path).read_text())}
+
+
+@contextmanager
+def _single_attempt_requests() -> Iterator[None]:
+    """MLflow's HTTP client without its own retries for the block (it reads the setting per request)."""
+    name = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+    saved = os.environ.get(name)
+    os.environ[name] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
+def _is_not_found(exc) -> bool:
+    """The registry answered that the model or alias does not exist (sqlite and REST stores say it
+    with different codes: RESOURCE_DOES_NOT_EXIST, or INVALID_PARAMETER_VALUE "alias ... not found")."""
+    code = getattr(exc, "error_code", "")
+    return code == "RESOURCE_DOES_NOT_EXIST" or (code == "INVALID_PARAMETER_VALUE" and "not found" in str(exc))
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:limit]
+
+
+def service_failure(exc: BaseException) -> str | None:
+    """One line for a failure of a service the run depends on (tracking server, artifact store),
+    or None if `exc` is something else (a bug keeps its traceback).
+
+    Looks through the exception's causes: MLflow wraps the requests error, boto3 its own.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        line = _describe_service_error(current)
+        if line:
+            return line + unmarked_note(exc)
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def unmarked_note(exc: BaseException) -> str:
+    """'; its MLflow run ... stays RUNNING ...' when the failed run could not be marked, else ''."""
+    unmarked = getattr(exc, "requant_unmarked_run", None)
+    return (f"; its MLflow run {unmarked} could not be marked FAILED and stays RUNNING until a later run closes it"
+            if unmarked else "")
+
+
+def _describe_service_error(exc: BaseException) -> str | None:
+    name = type(exc).__name__
+    module = type(exc).__module__
+    text = _first_line(exc, 300)
+    if name == "MlflowException" and text.startswith("API request to "):
+        # "API request to http://host/api/2.0/... failed with exception ...": keep the server's address.
+        server = text[len("API request to "):].split("/api/", 1)[0]
+        return (f"the MLflow tracking server at {server} did not answer (retried with backoff): check that it "
+                "runs and MLFLOW_TRACKING_URI, then run again")
+    if module.startswith(("botocore", "boto3")):
+        return (f"the S3 artifact store failed ({name}: {text}): check MLFLOW_S3_ENDPOINT_URL, the bucket and "
+                "its credentials, then run again")
+    if module.startswith(("requests", "urllib3")) and "Connection" in name:
+        return f"a server did not answer ({text}): check that it runs, then run again"
+    if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC):
+        return f"cannot write {exc.filename or 'the artifact store'} ({exc.strerror}): make it writable, then run again"
+    return None
 
 
 def folder_digest(folder: Path) -> str:
