@@ -137,13 +137,26 @@ def build_classifier(encoder_dir: Path, head_weight: np.ndarray, head_bias: np.n
 
 
 def load_classifier(folder: Path):
-    """Load a model folder as (eager classifier, tokenizer, card)."""
+    """Load a model folder as (eager classifier, tokenizer, card).
+
+    Raises:
+        ModelSourceError: a weights or tokenizer file is truncated, corrupted or missing.
+    """
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     card = read_model_card(folder)
-    head = load_file(str(Path(folder) / HEAD_FILE))
-    classifier = build_classifier(Path(folder) / ENCODER_DIR, head["weight"], head["bias"], card.normalize)
-    return classifier, load_tokenizer(Path(folder) / ENCODER_DIR), card
+    try:
+        head = load_file(str(Path(folder) / HEAD_FILE))
+        classifier = build_classifier(Path(folder) / ENCODER_DIR, head["weight"], head["bias"], card.normalize)
+        return classifier, load_tokenizer(Path(folder) / ENCODER_DIR), card
+    except (SafetensorError, OSError, ValueError, KeyError) as exc:
+        # A damaged folder (an interrupted copy, a bad disk) ends in deep loader tracebacks otherwise.
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ModelSourceError(
+            f"cannot load the model in {folder} ({type(exc).__name__}: {reason}): the folder is damaged or "
+            "incomplete; copy it again, or pass --model with a sound model version"
+        ) from exc
 
 
 def save_model_folder(folder: Path, encoder_dir: Path, head_weight: np.ndarray, head_bias: np.ndarray, card: ModelCard) -> Path:
