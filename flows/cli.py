@@ -10,7 +10,9 @@
     requant register-webhook   create the MLflow webhook that calls the receiver
     requant fetch-data         get missing data CSVs from the mirror or the public source (sha256-checked)
 
-Errors a user can fix print one line on stderr and exit 2; nothing is promoted.
+Errors a user can fix print one line on stderr and exit 2; nothing is promoted. A service that
+fails (tracking server, artifact store) prints one line and exits 1; Ctrl-C and SIGTERM print one
+line and exit 130 and 143.
 """
 
 from __future__ import annotations
@@ -72,19 +74,40 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `requant` command."""
     args = _parser().parse_args(argv)
     runtime.configure(verbose=args.verbose)
+    from tasks import interrupts
     from tasks.errors import RequantError
 
+    if args.command in ("train", "run"):
+        # Ctrl-C and SIGTERM end the run as KILLED with the phase named, and promote nothing after.
+        interrupts.install()
     try:
         commands = {"train": _train, "run": _run, "status": _status, "report": _report, "recipes": _recipes, "serve": _serve,
                     "webhook-receiver": _webhook_receiver, "register-webhook": _register_webhook,
                     "fetch-data": _fetch_data}
         return commands[args.command](args)
-    except RequantError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; the production alias was not moved", file=sys.stderr)
-        return 130
+    except BaseException as exc:
+        stop = interrupts.received()
+        if stop is not None:
+            # Whatever unwound the run (our Interrupted, Prefect's TerminationSignal, a KeyboardInterrupt).
+            print(f"error: {stop}: the run stopped and was marked KILLED; nothing was promoted after the signal",
+                  file=sys.stderr)
+            return stop.exit_code
+        if isinstance(exc, KeyboardInterrupt):
+            print("error: interrupted; nothing was promoted after the interruption", file=sys.stderr)
+            return 130
+        if isinstance(exc, RequantError):
+            from tasks.tracking import unmarked_note
+
+            print(f"error: {exc}{unmarked_note(exc)}", file=sys.stderr)
+            return getattr(exc, "exit_code", 2)
+        if isinstance(exc, Exception):
+            from tasks.tracking import service_failure
+
+            line = service_failure(exc)
+            if line:
+                print(f"error: {line}", file=sys.stderr)
+                return 1
+        raise
 
 
 def _train(args) -> int:

@@ -19,7 +19,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import record
-from tasks import data_version, tracking, validation
+from tasks import data_version, interrupts, tracking, validation
 from tasks.benchmark import cpu_info
 from tasks.candidates import (
     BuiltCandidate,
@@ -86,6 +86,7 @@ class PhaseClock:
     @contextmanager
     def phase(self, name: str):
         start = time.perf_counter()
+        interrupts.enter_phase(name)  # stops here if a signal came and its first raise was swallowed
         log.info("%s ...", name)
         try:
             yield
@@ -134,6 +135,9 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
         work_dir: where exported graphs and candidates are built (content-addressed, reused
             across runs); default: PROJECT/models/work.
     """
+    # Prefect installed its SIGTERM handler for this flow run: chain ours in front of it, so the
+    # phase is recorded and the run ends KILLED with the reason (tasks/interrupts.py).
+    interrupts.install()
     clock, started = PhaseClock(), time.perf_counter()
     with clock.phase("setup"):
         settings = load_settings(params_path)

@@ -44,6 +44,8 @@ def configure(verbose: bool = False) -> None:
     for handler in logging.getLogger().handlers:
         handler.addFilter(_drop_known_advice)
     logging.getLogger("requant").setLevel(logging.INFO)
+    # urllib3 warns on every retry of an unreachable server; the error line that follows says it once.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     # GX warns about every ephemeral docs folder it creates; that is not news.
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
 

@@ -15,3 +15,9 @@ class ModelSourceError(RequantError):
 
 class RecipeError(RequantError):
     """A recipe is unknown, misconfigured, or produced a model that fails its checks."""
+
+
+class ServiceUnavailable(RequantError):
+    """A service the run depends on (tracking server, artifact store) failed; retrying later may work."""
+
+    exit_code = 1

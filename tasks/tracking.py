@@ -7,8 +7,10 @@ tasks return numbers and this adapter writes them.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import logging
 import os
 import re
 import time
@@ -18,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from tasks.errors import ModelSourceError, RequantError
+from tasks import interrupts
+from tasks.errors import ModelSourceError, RequantError, ServiceUnavailable
 from tasks.locking import exclusive
 from tasks.settings import RegistrySettings
 
@@ -49,6 +52,11 @@ PIP_REQUIREMENTS = ["onnxruntime==1.32.0", "onnx==1.23.2"]
 SERVING_REQUIREMENTS = ["onnxruntime==1.32.0", "transformers==4.57.6", "tokenizers==0.22.2", "numpy", "pandas"]
 SERVING_EXAMPLE = ["I lost my card", "how long does a transfer take?"]
 TRANSFORMERS_REQUIREMENTS = ["torch==2.13.0", "transformers==4.57.6", "tokenizers==0.22.2", "safetensors"]
+
+# How long a failing run keeps trying to record its FAILED mark on an unreachable server.
+FAILURE_MARK_S = 20.0
+
+log = logging.getLogger("requant")
 
 
 def _quiet_mlflow() -> None:
@@ -222,10 +230,30 @@ class Tracker:
         try:
             yield run_id
         except BaseException as exc:
-            self.client.set_tag(run_id, TAG_FAILURE, str(exc)[:5000])
-            self.client.set_terminated(run_id, "FAILED")
+            self._end_failed(run_id, exc)
             raise
         self.client.set_terminated(run_id, "FINISHED")
+
+    def _end_failed(self, run_id: str, exc: BaseException) -> None:
+        """Mark the run FAILED (KILLED when a signal stopped it) with the reason: best effort, bounded.
+
+        The tracking server may be what failed: retry for FAILURE_MARK_S so that a server coming
+        back in that time still gets the mark, then give up without hiding the original error.
+        An unmarked run is noted on the exception (`requant_unmarked_run`) for the CLI's message.
+        """
+        status = "KILLED" if interrupts.received() else "FAILED"
+        deadline = time.monotonic() + FAILURE_MARK_S
+        with _single_attempt_requests():  # this loop is the retry: one clock for the whole mark
+            while True:
+                try:
+                    self.client.set_tag(run_id, TAG_FAILURE, interrupts.reason(exc)[:5000])
+                    self.client.set_terminated(run_id, status)
+                    return
+                except Exception:  # the server or store is down: the original error matters more
+                    if time.monotonic() >= deadline:
+                        exc.requant_unmarked_run = run_id
+                        return
+                    time.sleep(2.0)
 
     def log_params(self, run_id: str, params: dict) -> None:
         """Log params (stringified, truncated to MLflow's limit)."""
@@ -502,8 +530,13 @@ class Tracker:
 
         try:
             return self.client.get_model_version_by_alias(self.settings.serving_model_name, self.settings.production_alias)
-        except MlflowException:
-            return None
+        except MlflowException as exc:
+            # Only the registry's own "no such model/alias" means there is no production model; an
+            # unreachable server must not be taken for one (it would promote against nothing).
+            if _is_not_found(exc):
+                return None
+            what = f"cannot read {self.settings.serving_model_name}@{self.settings.production_alias}"
+            raise ServiceUnavailable(f"{what}: {_describe_service_error(exc) or _first_line(exc)}") from exc
 
     def fetch_production(self, dst: Path) -> ProductionVersion | None:
         """Download the production version's ONNX graph so this run can measure it side by side.
@@ -559,10 +592,13 @@ class Tracker:
         """
         name, alias = self.settings.serving_model_name, self.settings.production_alias
         with exclusive(lock_dir, f"promote-{name}"):
+            interrupts.check()  # never move the alias after Ctrl-C or SIGTERM
+            log.info("moving %s@%s to version %s", name, alias, version)
             self.client.set_registered_model_alias(name, alias, version)
             now = self.client.get_model_version_by_alias(name, alias)
             if str(now.version) != str(version):
                 raise RequantError(f"alias {name}@{alias} reads back version {now.version}, expected {version}")
+            log.info("moved %s@%s to version %s", name, alias, version)
 
     def promote(self, model_uri: str, tags: dict[str, str], lock_dir: Path) -> str:
         """Register the winner and move the production alias to it (both steps at once); return the version."""
@@ -700,6 +736,76 @@ def _unreachable(uri: str, exc: Exception) -> str:
             reason += "; is it an MLflow tracking server?"
     return (f"MLflow tracking store {uri} cannot be used ({reason}): start the server, or set registry.tracking_uri "
             "in params.yaml (or MLFLOW_TRACKING_URI) to a reachable one")
+
+
+@contextmanager
+def _single_attempt_requests() -> Iterator[None]:
+    """MLflow's HTTP client without its own retries for the block (it reads the setting per request)."""
+    name = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+    saved = os.environ.get(name)
+    os.environ[name] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
+def _is_not_found(exc) -> bool:
+    """The registry answered that the model or alias does not exist (sqlite and REST stores say it
+    with different codes: RESOURCE_DOES_NOT_EXIST, or INVALID_PARAMETER_VALUE "alias ... not found")."""
+    code = getattr(exc, "error_code", "")
+    return code == "RESOURCE_DOES_NOT_EXIST" or (code == "INVALID_PARAMETER_VALUE" and "not found" in str(exc))
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:limit]
+
+
+def service_failure(exc: BaseException) -> str | None:
+    """One line for a failure of a service the run depends on (tracking server, artifact store),
+    or None if `exc` is something else (a bug keeps its traceback).
+
+    Looks through the exception's causes: MLflow wraps the requests error, boto3 its own.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        line = _describe_service_error(current)
+        if line:
+            return line + unmarked_note(exc)
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def unmarked_note(exc: BaseException) -> str:
+    """'; its MLflow run ... stays RUNNING ...' when the failed run could not be marked, else ''."""
+    unmarked = getattr(exc, "requant_unmarked_run", None)
+    return (f"; its MLflow run {unmarked} could not be marked FAILED and stays RUNNING until a later run closes it"
+            if unmarked else "")
+
+
+def _describe_service_error(exc: BaseException) -> str | None:
+    name = type(exc).__name__
+    module = type(exc).__module__
+    text = _first_line(exc, 300)
+    if name == "MlflowException" and text.startswith("API request to "):
+        # "API request to http://host/api/2.0/... failed with exception ...": keep the server's address.
+        server = text[len("API request to "):].split("/api/", 1)[0]
+        return (f"the MLflow tracking server at {server} did not answer (retried with backoff): check that it "
+                "runs and MLFLOW_TRACKING_URI, then run again")
+    if module.startswith(("botocore", "boto3")):
+        return (f"the S3 artifact store failed ({name}: {text}): check MLFLOW_S3_ENDPOINT_URL, the bucket and "
+                "its credentials, then run again")
+    if module.startswith(("requests", "urllib3")) and "Connection" in name:
+        return f"a server did not answer ({text}): check that it runs, then run again"
+    if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC):
+        return f"cannot write {exc.filename or 'the artifact store'} ({exc.strerror}): make it writable, then run again"
+    return None
 
 
 def folder_digest(folder: Path) -> str:

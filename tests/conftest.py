@@ -167,3 +167,15 @@ def tiny_project(tmp_path: Path, tiny_model_folder: Path, **sections: dict) -> P
     for name, values in sections.items():
         params[name] = {**params.get(name, {}), **values}
     return make_project(tmp_path / "project", params)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print what the fault and bad-input suites tried and survived (tests/fault_ledger.py)."""
+    from tests import fault_ledger
+
+    lines = fault_ledger.summary_lines()
+    if lines:
+        terminalreporter.section("faults and bad inputs")
+        for line in lines:
+            terminalreporter.write_line(line)
+    fault_ledger.write_json_if_asked()

@@ -170,3 +170,131 @@ def mlflow_tracking_server(root: Path, startup_timeout_s: float = 120.0) -> Iter
                "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root", str(root / "artifacts")]
     with http_server(command, f"{url}/health", root / "mlflow-server.log", env, startup_timeout_s):
         yield url
+
+
+class TcpProxy:
+    """A loopback TCP forwarder in front of a server, which a test can cut and restore.
+
+    Cutting closes the listening socket and every open connection, so clients see what a lost
+    server looks like (connection refused, reset) while the server behind keeps its state (a moto
+    server holds its buckets in memory: killing it would lose them).
+    """
+
+    def __init__(self, target_port: int) -> None:
+        import threading
+
+        self.target_port = target_port
+        self.port = free_port()
+        self.url = f"http://{HOST}:{self.port}"
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._open: set[socket.socket] = set()
+
+    def restore(self) -> None:
+        """Accept connections again, on the same port."""
+        import threading
+
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((HOST, self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        """Refuse new connections and reset the open ones."""
+        with self._lock:
+            sockets, self._open = [self._listener, *self._open], set()
+            self._listener = None
+        for sock in sockets:
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # cut
+            try:
+                upstream = socket.create_connection((HOST, self.target_port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._open.update((client, upstream))
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+@contextmanager
+def tcp_proxy(target_port: int) -> Iterator[TcpProxy]:
+    """A `TcpProxy` to 127.0.0.1:target_port, listening until the block ends."""
+    proxy = TcpProxy(target_port)
+    proxy.restore()
+    try:
+        yield proxy
+    finally:
+        proxy.cut()
+
+
+class MlflowServer:
+    """`mlflow server` (sqlite, local artifacts) that a test can kill, with its workers, and start
+    again on the same port and store: a tracking-server outage and its recovery."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://{HOST}:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 180.0) -> None:
+        """Start the server and wait until it answers /health."""
+        env = {**os.environ}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        log_path = self.root / "mlflow-server.log"
+        command = [str(venv_executable("mlflow")), "server", "--host", HOST, "--port", str(self.port), "--workers", "1",
+                   "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+                   "--default-artifact-root", str(self.root / "artifacts")]
+        with open(log_path, "a") as log:
+            # Its own process group: `mlflow server` runs uvicorn and a job runner as children.
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            env=env, start_new_session=True)
+        wait_until_answering(f"{self.url}/health", self.process, log_path, timeout_s)
+
+    def kill(self) -> None:
+        """SIGKILL the server and its children (its process group), as a crash would."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        """Stop the server and its children: SIGTERM to the group, then SIGKILL."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()

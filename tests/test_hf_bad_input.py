@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import TINY_LABELS, tiny_hf_classifier, tiny_project
 from tests.cli_helpers import assert_one_clear_error, requant
+from tests.conftest import TINY_LABELS, tiny_hf_classifier, tiny_project
 
 
 def _save_tiny(folder, model, tokenizer_dir, safe=True):
