@@ -75,6 +75,7 @@ class RunSummary:
     report: str = ""  # the table, then the decision and why each other candidate lost
     decision: dict = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)
+    flow_run_id: str | None = None  # the Prefect flow run (its artifacts hold the decision table)
 
 
 class PhaseClock:
@@ -216,7 +217,7 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
                 built.append(production_candidate(production))
             measured = []
             for candidate in built:
-                log.info("scoring %s on %d rows", candidate.name, len(reference.y_true))
+                log.info("evaluating %s on %d rows", candidate.name, len(reference.y_true))
                 measured.append(score(candidate, reference, settings.evaluate, settings.quality_bar))
 
         search_record = None
@@ -297,9 +298,11 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
                                                                              promoted_version, settings))
         tracker.log_metrics(parent_id, {f"phase_{k}_seconds": v for k, v in clock.seconds.items()})
 
+    from prefect.runtime import flow_run
+
     return RunSummary(outcome=outcome, decision_key=key, parent_run_id=parent_id, winner=decision.winner,
                       promoted_version=promoted_version, table=table, report=report, decision=decided,
-                      phases=clock.seconds)
+                      phases=clock.seconds, flow_run_id=str(flow_run.id) if flow_run.id else None)
 
 
 def publish_decision(measured: list[MeasuredCandidate], decision, summary_markdown: str) -> None:

@@ -102,17 +102,18 @@ def test_the_decision_is_a_prefect_artifact_on_the_flow_run(decided):
     import asyncio
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     _, summary, _, _ = decided
 
     async def read():
         async with get_client() as client:
             return await client.read_artifacts(artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(any_=["requant-candidates", "requant-decision"])))
+                flow_run_id=ArtifactFilterFlowRunId(any_=[summary.flow_run_id])))
 
     artifacts = {a.key: a for a in asyncio.run(read())}
     assert {"requant-candidates", "requant-decision"} <= set(artifacts)
     table = artifacts["requant-candidates"].data
     rows = json.loads(table) if isinstance(table, str) else table
-    assert {r["candidate"] for r in rows} >= {summary.winner} and artifacts["requant-decision"].flow_run_id
+    assert {r["candidate"] for r in rows} == set(summary.decision["candidates"])
+    assert summary.winner in artifacts["requant-decision"].data

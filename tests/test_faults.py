@@ -187,8 +187,19 @@ class World:
         (path or self.params).write_text(yaml.safe_dump(params, sort_keys=False))
 
     def new_decision(self) -> None:
-        """A lower price for this host: a new decision key (the next run decides instead of answering
-        'already decided'), and candidates that cost less than production, so a passing one is promoted."""
+        """A lower price for this host (a new decision key: the next run decides instead of answering
+        'already decided'), and no production model, so the next run promotes.
+
+        Production is measured side by side in every run: at a lower price it gets cheaper too, and
+        the same graph is kept, not promoted again. Clearing the alias (as an operator rolling it
+        back would) makes the next decision a promotion, which the faults around the alias need.
+        """
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.delete_registered_model_alias(SERVING, ALIAS)
+        except MlflowException:
+            pass  # no alias yet
         self._knob += 1
         self.set_params(cost={"measured_profile": "test-host", "hardware_profiles": [
             {"name": "test-host", "usd_per_hour": round(0.09 * 0.85 ** self._knob, 6), "cpu_match": ".*",

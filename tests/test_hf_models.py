@@ -34,6 +34,8 @@ def params_for(project, arch: str, **sections) -> str:
     """The project's params with this architecture's own serving model, so each promotion stands alone."""
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["registry"]["serving_model_name"] = f"tiny-{arch}-serving"
+    # Another params file versions its data apart (its own DVC stage and output folder).
+    params["data"]["output_dir"] = str(project / "data" / f"prepared-{arch}")
     for name, values in sections.items():
         params[name] = {**params.get(name, {}), **values}
     path = project / f"params-{arch}.yaml"

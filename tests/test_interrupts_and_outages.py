@@ -68,9 +68,16 @@ def test_interrupts_chain_to_an_existing_handler(fresh_interrupts):
 
 
 def _unreachable_tracker(monkeypatch, tmp_path) -> Tracker:
+    """A tracker whose server went away after it was opened (a server that is down from the start is
+    refused by the constructor's probe, see tests/test_bad_inputs.py)."""
+    from mlflow import MlflowClient
+
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return Tracker(RegistrySettings(tracking_uri=f"http://127.0.0.1:{free_port()}", artifact_location=str(tmp_path)))
+    tracker = Tracker(RegistrySettings(tracking_uri=f"sqlite:///{tmp_path / 'gone.db'}", artifact_location=str(tmp_path)))
+    tracker.uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there any more
+    tracker.client = MlflowClient(tracker.uri)
+    return tracker
 
 
 def test_tracking_production_is_none_only_when_the_registry_says_so(tmp_path, monkeypatch):
