@@ -29,6 +29,8 @@ def main() -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=None, help="timing rounds per run (default: evaluate.timing_rounds)")
+    parser.add_argument("--throughput-batches", type=int, default=None, help="batches per round (default: evaluate's)")
+    parser.add_argument("--latency-runs", type=int, default=None, help="batch-1 runs per run (default: evaluate's)")
     parser.add_argument("--work-dir", default=None, help="candidate cache (default: PROJECT/models/work)")
     args = parser.parse_args()
 
@@ -50,7 +52,10 @@ def main() -> int:
     from tasks.tracking import Tracker
 
     settings = load_settings(args.params)
-    evaluate = settings.evaluate.model_copy(update={"timing_rounds": args.rounds or settings.evaluate.timing_rounds})
+    evaluate = settings.evaluate.model_copy(update={
+        "timing_rounds": args.rounds or settings.evaluate.timing_rounds,
+        "throughput_batches": args.throughput_batches or settings.evaluate.throughput_batches,
+        "latency_runs": args.latency_runs or settings.evaluate.latency_runs})
     project = Path(args.params).resolve().parent
     work_dir = Path(args.work_dir) if args.work_dir else project / "models" / "work"
     host = cpu_info()
@@ -70,7 +75,7 @@ def main() -> int:
     winners, prices, over_bar = collections.Counter(), collections.defaultdict(list), []
     for run in range(args.runs):
         measured = [replace(m, speed=None, cost=None, confirmation=None) for m in scored]  # fresh timing, same scores
-        time_candidates(measured, reference, evaluate, profile, settings.cost.traffic)
+        time_candidates(measured, reference, evaluate, profile, settings.cost.traffic, measure_memory=False)
         decision = select([m.for_selection() for m in measured], quality, settings.quality_bar)
         winner = next((m for m in measured if m.built.name == decision.winner), None)
         confirmation = confirm_winner(winner, decision, reference, settings)
@@ -87,7 +92,8 @@ def main() -> int:
 
     print()
     print(f"host: {host['cpu_model']} ({host['cpu_count']} cores; flags: {host['cpu_flags']}); priced as {profile.name}; "
-          f"{evaluate.timing_rounds} interleaved timing rounds per run; {len(reference.y_true)} selection rows, "
+          f"{evaluate.timing_rounds} interleaved timing rounds per run ({evaluate.throughput_batches} batches of "
+          f"{evaluate.throughput_batch_size}, {evaluate.latency_runs} batch-1 runs); {len(reference.y_true)} selection rows, "
           f"{len(reference.confirmation.y_true) if reference.confirmation else 0} confirmation rows")
     print("winner frequency: " + ", ".join(f"{name} {count}/{args.runs}" for name, count in winners.most_common()))
     print(f"{'candidate':<44} {'$/month min':>11} {'median':>8} {'max':>8}")

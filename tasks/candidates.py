@@ -315,11 +315,11 @@ def compare_with_production(measured: list[MeasuredCandidate], reference: Refere
 
 def time_candidates(measured: list[MeasuredCandidate], reference: Reference, evaluate: EvaluateSettings,
                     profile: HardwareProfile, traffic: TrafficSettings,
-                    progress: Callable[[int, int], None] | None = None) -> None:
+                    progress: Callable[[int, int], None] | None = None, measure_memory: bool = True) -> None:
     """Time every scored candidate in interleaved rounds, measure its memory, and price it.
 
     Candidates that failed earlier are skipped; a candidate that fails here gets the error, the
-    others go on.
+    others go on. `measure_memory=False` skips the memory probe (benchmarks that only re-time).
     """
     sessions = {}
     for m in measured:
@@ -341,7 +341,8 @@ def time_candidates(measured: list[MeasuredCandidate], reference: Reference, eva
             continue
         try:
             probe_start = time.perf_counter()
-            memory = peak_memory_mb(m.built.model_path, reference.throughput_feeds[0], evaluate.intra_op_threads)
+            memory = (peak_memory_mb(m.built.model_path, reference.throughput_feeds[0], evaluate.intra_op_threads)
+                      if measure_memory else float("nan"))
             m.timing_seconds = timing.seconds + time.perf_counter() - probe_start
             m.finished_at_ms = _now_ms()
             m.speed = summarize_speed(timing, evaluate.price_quantile, memory, file_size_mb(m.built.model_path))
