@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,6 +22,7 @@ from tasks.benchmark import (
     time_interleaved,
 )
 from tasks.cost import CostEstimate, monthly_cost
+from tasks.data_prep import sha256_of
 from tasks.evaluation import QualityMetrics, onnx_session, predict_onnx, quality_metrics
 from tasks.locking import exclusive
 from tasks.onnx_graph import prove_candidate
@@ -172,15 +172,6 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def candidate_folder(work_dir: Path, recipe: str, digest: str) -> Path:
     """Where a candidate with this content address is built (shared by every run and source model)."""
     return Path(work_dir) / "candidates" / f"{recipe}-{digest}"
@@ -223,7 +214,7 @@ def build_candidate(spec: CandidateSpec, reference: Reference, source_digest: st
             return built
         built.build_seconds = time.perf_counter() - start
         built.model_path, built.lowered_nodes, built.size_ratio = model_path, proof.lowered_nodes, proof.size_ratio
-        built.model_sha256 = sha256_file(model_path)
+        built.model_sha256 = sha256_of(model_path)
         # Written last: its presence means the folder holds a finished, proven candidate.
         (out_dir / PROOF_FILE).write_text(json.dumps({**asdict(proof), "sha256": built.model_sha256,
                                                       "file": model_path.name}))
@@ -242,7 +233,7 @@ def _verify_cached(out_dir: Path, reference: Reference) -> str | None:
         return f"unreadable proof ({_one_line(exc)})"
     if not model_path.is_file():
         return "model.onnx is missing"
-    if sha256_file(model_path) != expected:
+    if sha256_of(model_path) != expected:
         return "model.onnx does not match the sha256 recorded when it was proven"
     try:
         logits = onnx_session(model_path, 1).run(["logits"], reference.proof_feeds[0])[0]

@@ -7,7 +7,8 @@ Pure computation over measured candidates (no Prefect, no MLflow calls); the flo
 from __future__ import annotations
 
 from tasks import tracking
-from tasks.candidates import BuiltCandidate, MeasuredCandidate, confirm, sha256_file
+from tasks.candidates import BuiltCandidate, MeasuredCandidate, confirm
+from tasks.data_prep import sha256_of
 from tasks.errors import RequantError
 from tasks.reference import Reference
 from tasks.selection import Candidate, Decision, judge
@@ -30,7 +31,7 @@ def production_candidate(production: tracking.ProductionVersion) -> BuiltCandida
         name=f"production-v{production.version}", recipe=tags.get(tracking.TAG_RECIPE, "unknown"),
         precision=tags.get("requant.precision", "production"), config={}, config_hash=tags.get(tracking.TAG_CONFIG_HASH, ""),
         model_path=production.model_path, built_by="registry", reused=True, is_production=True,
-        model_sha256=tags.get(tracking.TAG_MODEL_SHA256) or sha256_file(production.model_path))
+        model_sha256=tags.get(tracking.TAG_MODEL_SHA256) or sha256_of(production.model_path))
 
 
 def confirm_winner(winner: MeasuredCandidate | None, decision: Decision, reference: Reference,
