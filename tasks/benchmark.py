@@ -45,10 +45,12 @@ class SpeedMetrics:
     throughput_min_per_s: float = 0.0
     throughput_max_per_s: float = 0.0
     timing_rounds: int = 0
+    # Each round's rate in round order: selection compares candidates round by round (paired).
+    throughput_rounds: tuple[float, ...] = ()
 
     def as_dict(self) -> dict[str, float]:
-        """Plain dict for MLflow and the decision record."""
-        return asdict(self)
+        """The scalar figures, for MLflow metrics and the decision record."""
+        return {k: v for k, v in asdict(self).items() if k != "throughput_rounds"}
 
 
 def cpu_info() -> dict[str, str]:
@@ -175,6 +177,7 @@ def summarize_speed(samples: TimingSamples, price_quantile: float, peak_memory: 
         throughput_min_per_s=float(rates.min()),
         throughput_max_per_s=float(rates.max()),
         timing_rounds=int(len(rates)),
+        throughput_rounds=tuple(float(r) for r in rates),
     )
 
 

@@ -150,7 +150,7 @@ class MeasuredCandidate:
             hard_slice_accuracy=self.quality.hard_slice_accuracy, latency_p95_ms=self.speed.latency_p95_ms,
             throughput_per_s=self.speed.throughput_per_s, throughput_low_per_s=self.speed.throughput_low_per_s,
             throughput_high_per_s=self.speed.throughput_high_per_s, monthly_cost_usd=self.cost.monthly_cost_usd,
-            size_mb=self.speed.size_mb,
+            size_mb=self.speed.size_mb, throughput_rounds=self.speed.throughput_rounds,
             accuracy_loss_high=self.accuracy_loss.high if self.accuracy_loss else None,
             hard_slice_loss_high=self.hard_slice_loss.high if self.hard_slice_loss else None,
             is_production=self.built.is_production,

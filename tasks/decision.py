@@ -88,4 +88,6 @@ def candidate_record(m: MeasuredCandidate, reference: Reference) -> dict:
             "accuracy_gain_vs_production_interval": (m.accuracy_gain_vs_production.as_list()
                                                      if m.accuracy_gain_vs_production else None),
             "price_note": m.cost.boundary_note() if m.cost else "",
+            # Per-round rates in round order: the paired speed comparison can be re-checked from the record.
+            "throughput_rounds_per_s": list(m.speed.throughput_rounds) if m.speed else [],
             **m.metrics(reference)}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tasks.cost import monthly_cost
-from tasks.selection import Candidate, Reference, select, slower_beyond_noise
+from tasks.selection import Candidate, Reference, paired_speed_ratio, select, slower_beyond_noise
 from tasks.settings import HardwareProfile, QualityBar, TrafficSettings
 
 REF = Reference(accuracy=0.930, hard_slice_accuracy=0.700)
@@ -110,6 +110,93 @@ def test_select_equal_cost_goes_to_the_faster_beyond_noise_and_says_so():
     decision = select([slower, faster], REF, BAR)
     assert decision.winner == "faster"
     assert "below faster's" in decision.verdicts["slower"].reason
+
+
+def rounds_cand(name, rates, accuracy=0.925):
+    """A candidate timed in interleaved rounds, summarised as the flow does (median, quartile band)."""
+    rates = np.asarray(rates, dtype=float)
+    low, mid, high = (float(np.quantile(rates, q)) for q in (0.25, 0.5, 0.75))
+    return cand(name, accuracy=accuracy, thr=(low, mid, high), throughput_rounds=tuple(float(r) for r in rates))
+
+
+def test_select_a_steady_gap_hidden_by_overlapping_bands_is_seen_round_by_round():
+    # The flip seen on the shared AMD host: two INT8 graphs whose bands overlap (the load moves both),
+    # the plain one 1 row more accurate but ~5% slower in every round. Bands alone call it a tie.
+    load = np.array([1.00, 0.80, 1.05, 0.70, 0.95, 0.85, 1.02])
+    fused = rounds_cand("fused", 200 * load, accuracy=0.9280)
+    plain = rounds_cand("plain", 190 * load * np.array([1.0, 1.01, 0.99, 1.0, 1.02, 0.98, 1.0]), accuracy=0.9285)
+    assert plain.throughput_per_s >= fused.throughput_low_per_s  # the band rule alone sees a tie
+    decision = select([fused, plain], REF, BAR)
+    assert decision.winner == "fused"
+    assert "in most timing rounds" in decision.verdicts["plain"].reason
+    assert paired_speed_ratio(plain, fused) < 1.0
+
+
+def test_select_rounds_that_cross_are_a_tie_and_accuracy_decides():
+    load = np.array([1.00, 0.80, 1.05, 0.70, 0.95, 0.85, 1.02])
+    a = rounds_cand("a", 200 * load * np.array([1.03, 0.97, 1.02, 0.98, 1.01, 0.99, 1.0]), accuracy=0.921)
+    b = rounds_cand("b", 200 * load * np.array([0.97, 1.03, 0.98, 1.02, 0.99, 1.01, 1.0]), accuracy=0.929)
+    decision = select([a, b], REF, BAR)
+    assert decision.winner == "b"
+    assert decision.verdicts["a"].on_speed_frontier
+
+
+def test_paired_ratio_needs_the_same_rounds():
+    assert paired_speed_ratio(rounds_cand("a", [100, 200, 300, 400]), rounds_cand("b", [100, 200, 300])) is None
+    assert paired_speed_ratio(rounds_cand("a", [100, 200, 300]), rounds_cand("b", [100, 200, 300])) is None  # too few
+    assert paired_speed_ratio(replace(rounds_cand("a", [100, 200, 300, 400]), throughput_rounds=(100, 200, math.nan, 400)),
+                              rounds_cand("b", [100, 200, 300, 400])) is None
+    assert paired_speed_ratio(rounds_cand("a", [90, 180, 270, 360]), rounds_cand("b", [100, 200, 300, 400])) == pytest.approx(0.9)
+
+
+def random_rounds_field(rng, n, rounds=7):
+    """n passing candidates timed in the same rounds: a shared per-round load times own noise."""
+    load = rng.uniform(0.6, 1.1, size=rounds)
+    return [rounds_cand(f"c{i}", rng.uniform(150, 250) * load * rng.normal(1.0, rng.uniform(0.0, 0.1), size=rounds).clip(0.5),
+                        accuracy=rng.uniform(0.917, 0.930)) for i in range(n)]
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_select_paired_rounds_keep_the_decision_consistent(seed):
+    rng = np.random.default_rng(5000 + seed)
+    field = random_rounds_field(rng, int(rng.integers(2, 8)))
+    decision = select(field, REF, BAR)
+    winner = next(c for c in field if c.name == decision.winner)
+    assert not any(slower_beyond_noise(winner, other) for other in field)
+    for c in field:
+        for other in field:  # never both ways, so a tie is mutual and the relation has no cycles
+            assert not (slower_beyond_noise(c, other) and slower_beyond_noise(other, c))
+        if decision.verdicts[c.name].on_speed_frontier:
+            assert not slower_beyond_noise(c, winner) and not slower_beyond_noise(winner, c)
+        else:
+            assert any(slower_beyond_noise(c, other) for other in field)
+    fastest = max(field, key=lambda c: c.throughput_per_s)
+    assert decision.verdicts[fastest.name].on_speed_frontier
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_select_a_candidate_slower_in_every_round_never_wins(seed):
+    rng = np.random.default_rng(9000 + seed)
+    field = random_rounds_field(rng, int(rng.integers(1, 6)))
+    rival = field[int(rng.integers(len(field)))]
+    # Slower than the rival in every round, by a margin of at most 1%, and more accurate than anyone.
+    slow = rounds_cand("slow", np.asarray(rival.throughput_rounds) * rng.uniform(0.99, 0.9999, size=7), accuracy=0.9299)
+    decision = select(field + [slow], REF, BAR)
+    assert decision.winner != "slow"
+    assert not decision.verdicts["slow"].on_speed_frontier
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_select_rounds_never_help_compared_with_bands_alone(seed):
+    # The paired comparison only adds exclusions: whoever it lets win, the band rule let stay too.
+    rng = np.random.default_rng(12000 + seed)
+    field = random_rounds_field(rng, int(rng.integers(2, 7)))
+    with_rounds = select(field, REF, BAR)
+    bands_only = select([replace(c, throughput_rounds=()) for c in field], REF, BAR)
+    assert bands_only.verdicts[with_rounds.winner].on_speed_frontier
+    for c in field:
+        if with_rounds.verdicts[c.name].on_speed_frontier:
+            assert bands_only.verdicts[c.name].on_speed_frontier
 
 
 # --------------------------------------------------------------------------- production, side by side
