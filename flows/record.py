@@ -105,6 +105,26 @@ QUALITY_METRICS = {"accuracy", "macro_f1", "agreement_with_fp32", "hard_slice_ac
                    "accuracy_gain_vs_production_low"}
 
 
+def log_qat(tracker: Tracker, parent_id: str, escalation, labels: list[str], key: str) -> None:
+    """One nested run per quantization-aware fine-tuning attempt: its knobs, training curve (step
+    metrics), stop reason, and the exact training rows (so anyone can check they exclude the evaluation rows)."""
+    for attempt in escalation.attempts:
+        run_id = tracker.candidate_run(parent_id, f"qat-attempt-{attempt.target}", {
+            "requant.qat_attempt": "true", "requant.qat_target": attempt.target, "requant.parent_key": key,
+            "requant.qat_stop_reason": attempt.stop_reason[:500], "requant.qat_reason": escalation.reason[:500],
+            **({tracking.TAG_FAILURE: attempt.error} if attempt.error else {}),
+        }, start_time_ms=attempt.started_at_ms or None)
+        tracker.log_params(run_id, {"recipe": attempt.recipe, "scheme": attempt.scheme, **flat("config", attempt.config),
+                                    **flat("qat", escalation.settings)})
+        tracker.log_curve(run_id, "qat_train_loss", attempt.loss_curve, attempt.curve_steps)
+        tracker.log_metrics(run_id, {"qat_steps": attempt.steps, "qat_train_seconds": attempt.train_seconds,
+                                     "qat_seconds": attempt.seconds, "qat_training_rows": attempt.training_rows,
+                                     "qat_training_rows_dropped": attempt.training_rows_dropped})
+        if escalation.training is not None:
+            tracker.client.log_text(run_id, escalation.training.frame(labels).to_csv(index=False), "qat_training_rows.csv")
+        tracker.finish(run_id, failed=bool(attempt.error), end_time_ms=attempt.finished_at_ms or None)
+
+
 def log_data_inputs(tracker: Tracker, parent_id: str, data: data_version.DataVersion, calibration: pd.DataFrame,
                     evaluation: pd.DataFrame) -> None:
     """The calibration and evaluation sets as logged inputs of the parent run (lineage to the DVC data)."""

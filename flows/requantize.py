@@ -19,7 +19,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import record
-from tasks import data_version, interrupts, tracking, validation
+from tasks import data_version, interrupts, qat, tracking, validation
 from tasks.benchmark import cpu_info
 from tasks.candidates import (
     BuiltCandidate,
@@ -103,7 +103,7 @@ def decision_key(source_digest: str, data: data_version.DataVersion, settings: S
     versions are part of it: speeds, and so prices and the winner, are only valid where they were measured.
     """
     knobs = {name: getattr(settings, name).model_dump(mode="json")
-             for name in ("quantize", "evaluate", "cost", "quality_bar", "search")}
+             for name in ("quantize", "evaluate", "cost", "quality_bar", "search", "qat")}
     knobs["max_length"] = settings.model.max_length
     knobs["serving_model"] = settings.registry.serving_model_name
     where = {"cpu_model": host.get("cpu_model"), "cpu_flags": host.get("cpu_flags"), "cpu_count": host.get("cpu_count"),
@@ -120,6 +120,7 @@ build_reference = task(prepare_reference, name="fp32-reference", cache_policy=NO
 build = task(build_candidate, name="quantize", cache_policy=NO_CACHE)
 score = task(score_candidate, name="evaluate", cache_policy=NO_CACHE)
 time_all = task(time_candidates, name="timing", cache_policy=NO_CACHE)
+escalate = task(qat.escalate, name="qat", cache_policy=NO_CACHE)
 
 
 @flow(name="requantize", log_prints=False)
@@ -230,6 +231,14 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
                 measured += [m for m in searched.measured if id(m) not in known]
                 record.log_sensitivity(tracker, parent_id, ranking, work_dir)
 
+        with clock.phase("qat"):
+            # Quantization-aware fine-tuning, only when post-training quantization missed the bar:
+            # its candidate is built, scored, timed and selected like the others.
+            escalation = escalate(measured, reference, family, calibration, evaluation, settings, source.digest, work_dir,
+                                  progress=lambda p: log.info("qat step %d/%d: loss %.4f (%.0f s)", p.step,
+                                                              p.total_steps, p.loss, p.seconds))
+            measured += escalation.measured
+
         with clock.phase("evaluate"):
             compare_with_production(measured, reference, settings.quality_bar)
             # Every candidate (production included) is timed in the same interleaved rounds.
@@ -252,6 +261,7 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
             tracker.log_metrics(parent_id, {f"fp32_reference_{k}": v for k, v in reference.quality.as_dict().items()},
                                 dataset=("evaluation", data.evaluation_md5[:36]))
             record.log_pareto(tracker, parent_id, measured, decision, settings, reference, work_dir)
+            record.log_qat(tracker, parent_id, escalation, reference.card.labels, key)
 
         promoted_version = None
         if decision.promote:
@@ -266,19 +276,21 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
                    "decision_key": key, "serving_model": settings.registry.serving_model_name,
                    "hardware_profile": profile.name, "host": host, "search": search_record, "flow_pid": os.getpid(),
                    "confirmation": confirmation, "hard_slice_intents": reference.hard_classes,
-                   "cost_analysis": analysis.as_dict(),
+                   "cost_analysis": analysis.as_dict(), "qat": escalation.record(decision),
                    "rows": {"selection": len(reference.y_true),
                             "confirmation": len(reference.confirmation.y_true) if reference.confirmation else 0},
                    "candidates": {m.built.name: candidate_record(m, reference) for m in measured}}
         report = "\n\n".join([table, render_decision(decision, measured, confirmation),
-                               "cost analysis:\n" + render_cost(analysis)])
+                               "cost analysis:\n" + render_cost(analysis),
+                               f"quantization-aware fine-tuning: {decided['qat']['outcome']}"])
         # The decision record first, the alias last: a kill in between leaves a recorded decision
         # whose promotion the next run completes or redoes, never an alias without a decision.
         with clock.phase("track"):
             tracker.log_dict(parent_id, decided, tracking.DECISION_FILE)
             tracker.client.log_text(parent_id, report, "report.txt")
-            summary_md = decision_markdown(decision, measured, outcome, render_cost(analysis), confirmation,
-                                           promoted_version, settings.registry.serving_model_name)
+            summary_md = "\n\n".join([decision_markdown(decision, measured, outcome, render_cost(analysis), confirmation,
+                                                        promoted_version, settings.registry.serving_model_name),
+                                      qat.render_markdown(decided["qat"])])
             tracker.describe_run(parent_id, summary_md)
             tracker.client.log_text(parent_id, summary_md, DECISION_MARKDOWN)
             publish_decision(measured, decision, summary_md)

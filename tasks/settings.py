@@ -174,6 +174,37 @@ class SearchSettings(_Section):
     max_minutes: float = Field(10.0, gt=0, description="Budget: wall minutes the search may spend.")
 
 
+class QatSettings(_Section):
+    """Quantization-aware fine-tuning: the bounded escalation when post-training quantization misses the bar.
+
+    It runs only when it can matter: when no post-training candidate of a lowered precision
+    (int8, int4, mixed, fp16) passes the bar on quality, or when `target` names a candidate that
+    fails. The source model is fine-tuned with the target recipe's quantization simulated in the
+    loop, on the calibration rows only (drawn from train.csv; never the evaluation or confirmation
+    rows), then exported, quantized with the same recipe and judged like every other candidate.
+    """
+
+    enabled: bool = Field(True, description="Escalate to quantization-aware fine-tuning when no post-training candidate "
+                                            "of a lowered precision passes the bar (never when one already passes).")
+    target: str | None = Field(
+        None, description="Candidate (from quantize.candidates) to fine-tune toward, also when cheaper ones pass; null = "
+                          "the failing lowered-precision candidate of the lowest expected cost (fewest bits, smallest file).")
+    max_minutes: float = Field(10.0, ge=0, description="Budget: wall minutes of training per attempt (0 = escalation "
+                                                        "starts, spends nothing, and records why it stopped).")
+    max_steps: int = Field(300, ge=1, description="Budget: optimizer steps per attempt.")
+    epochs: float = Field(3.0, gt=0, description="Passes over the training rows (the step and time budgets cap it).")
+    batch_size: int = Field(16, ge=1, description="Texts per optimizer step.")
+    learning_rate: float = Field(2e-5, gt=0, description="Peak AdamW learning rate (linear warm-up, then linear decay).")
+    warmup_fraction: float = Field(0.1, ge=0, lt=1, description="Share of the steps spent warming the learning rate up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    distill: bool = Field(True, description="Also match the FP32 source's logits (knowledge distillation), which keeps "
+                                            "the fine-tuned model close to the model being requantized.")
+    distill_weight: float = Field(0.5, ge=0, le=1, description="Share of the loss given to distillation (the rest: labels).")
+    temperature: float = Field(2.0, gt=0, description="Softmax temperature of the distillation loss.")
+    seed: int = Field(0, ge=0, description="Seed of the batch order and of torch.")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; null = torch's default.")
+
+
 class OperationsSettings(_Section):
     """How requant runs unattended: schedule, task runner, locks."""
 
@@ -286,6 +317,7 @@ class Settings(_Section):
     cost: CostSettings
     quality_bar: QualityBar = QualityBar()
     search: SearchSettings = SearchSettings()
+    qat: QatSettings = QatSettings()
     operations: OperationsSettings = OperationsSettings()
     registry: RegistrySettings = RegistrySettings()
 
@@ -330,6 +362,9 @@ def load_settings(path: str | Path) -> Settings:
     names = [c.name for c in points]
     if len(set(names)) != len(names):
         raise SettingsError(f"{path}: quantize.candidates expand to duplicate names; rename a candidate")
+    if settings.qat.target is not None and settings.qat.target not in names:
+        raise SettingsError(f"{path}: 'qat.target': {settings.qat.target!r} is not a candidate; use one of "
+                            f"{', '.join(names)} (or null for the cheapest failing one)")
     return _resolve_paths(settings, path.parent.resolve())
 
 

@@ -273,6 +273,15 @@ class Tracker:
                  for k, v in metrics.items() if v is not None and v == v]
         self.client.log_batch(run_id, metrics=items)
 
+    def log_curve(self, run_id: str, name: str, values: list[float], steps: list[int]) -> None:
+        """Log a metric's history (a training curve): one value per step, shown as a chart in the UI."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(name, float(v), now, int(s)) for v, s in zip(values, steps) if v == v]
+        for start in range(0, len(items), 1000):  # MLflow's batch limit
+            self.client.log_batch(run_id, metrics=items[start:start + 1000])
+
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         """Set several run tags."""
         from mlflow.entities import RunTag

@@ -90,6 +90,19 @@ class ModelFamily(ABC):
     def optimize(self, fp32_path: Path, out_path: Path) -> Path:
         """Write the graph with ONNX Runtime's transformer fusions (a copy if none applies)."""
 
+    # ------------------------------------------------------------------ fine-tuning (optional per family)
+    def load_trainable(self):
+        """A fresh FP32 PyTorch copy to train: `model(**tokenizer_feed).logits` is [batch, classes].
+
+        Raises:
+            ModelSourceError: this family cannot be fine-tuned.
+        """
+        raise ModelSourceError(f"model family {self.id} cannot be fine-tuned (it has no trainable PyTorch form)")
+
+    def save_trained(self, model, folder: Path) -> Path:
+        """Write a model trained from `load_trainable()` as a folder of this same family; return it."""
+        raise ModelSourceError(f"model family {self.id} cannot write a fine-tuned model")
+
     # ------------------------------------------------------------------ shared behaviour
     @property
     def tokenizer(self):

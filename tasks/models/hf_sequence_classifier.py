@@ -186,6 +186,24 @@ class HfSequenceClassifier(ModelFamily):
             self._reference = Logits().eval()
         return self._reference
 
+    def load_trainable(self):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        # A fresh copy (its output already has `.logits`); the reference stays untouched.
+        return AutoModelForSequenceClassification.from_pretrained(
+            str(self.model_dir), local_files_only=True, trust_remote_code=False,
+            use_safetensors=None if self.allow_pickle_weights else True, dtype=torch.float32)
+
+    def save_trained(self, model, folder: Path) -> Path:
+        # A plain Hugging Face folder (config, safetensors, tokenizer), whatever layout the source had.
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(folder), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(folder))
+        return folder
+
     def export_onnx(self, out_path: Path, opset: int) -> Path:
         from optimum.exporters.onnx import main_export
 

@@ -67,6 +67,38 @@ class RequantHead(ModelFamily):
         heads, hidden = encoder_shape(self.folder / ENCODER_DIR)
         return optimize_graph(fp32_path, out_path, heads, hidden)
 
+    def load_trainable(self):
+        import types
+
+        import torch
+
+        classifier, _, _ = load_classifier(self.folder)  # a fresh copy: the reference stays untouched
+
+        class WithLogits(torch.nn.Module):
+            """The classifier with the tokenizer's feed as keyword arguments and a `.logits` output."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.classifier = classifier
+
+            def forward(self, input_ids, attention_mask, **_):
+                return types.SimpleNamespace(logits=self.classifier(input_ids, attention_mask))
+
+        return WithLogits()
+
+    def save_trained(self, model, folder: Path) -> Path:
+        from safetensors.torch import save_file
+
+        classifier = model.classifier
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        classifier.encoder.save_pretrained(str(folder / ENCODER_DIR), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(folder / ENCODER_DIR))
+        save_file({"weight": classifier.head.weight.detach().contiguous(), "bias": classifier.head.bias.detach().contiguous()},
+                  str(folder / HEAD_FILE))
+        (folder / MODEL_CARD).write_text(self.card.to_json())
+        return folder
+
     def model_card(self) -> ModelCard:
         """The card as written by `requant train`."""
         return self.card
