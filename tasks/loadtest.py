@@ -45,10 +45,16 @@ class LoadtestResult:
     p95_ms_at_capacity: float | None
     error_rate: float  # failed / sent over the whole test
     server_cpu_percent_at_capacity: float | None  # of one core, server process and its workers
-    requests: int
+    requests: int  # issued over the whole test (at most loadtest.max_requests)
     seconds: float
     stop_reason: str
     steps: list[dict] = field(default_factory=list)
+
+    @property
+    def limit_found(self) -> bool:
+        """A step missed the target: the capacity is the limit. Otherwise a budget ended the ramp first and
+        the capacity is only a lower bound (raise loadtest.max_steps, max_requests or max_seconds)."""
+        return any(s.get("failed_because") for s in self.steps)
 
     @property
     def capacity_sentences_per_s(self) -> float:
@@ -62,12 +68,13 @@ class LoadtestResult:
                   "loadtest_p95_ms_at_capacity": self.p95_ms_at_capacity, "loadtest_error_rate": self.error_rate,
                   "loadtest_server_cpu_percent": self.server_cpu_percent_at_capacity,
                   "loadtest_requests": self.requests, "loadtest_seconds": self.seconds,
-                  "loadtest_steps": len(self.steps), "loadtest_texts_per_request": self.texts_per_request}
+                  "loadtest_steps": len(self.steps), "loadtest_texts_per_request": self.texts_per_request,
+                  "loadtest_limit_found": float(self.limit_found)}
         return {k: float(v) for k, v in values.items() if v is not None}
 
     def as_dict(self) -> dict:
         """Plain dict (loadtest.json)."""
-        return {**asdict(self), "capacity_sentences_per_s": self.capacity_sentences_per_s}
+        return {**asdict(self), "capacity_sentences_per_s": self.capacity_sentences_per_s, "limit_found": self.limit_found}
 
 
 @dataclass(frozen=True)
@@ -122,7 +129,9 @@ def served_model(model_uri: str, tracking_uri: str, workers: int, start_timeout_
     mlflow_cli = Path(sys.executable).with_name("mlflow")
     command = [str(mlflow_cli) if mlflow_cli.exists() else "mlflow", "models", "serve", "-m", model_uri,
                "--env-manager", "local", "-h", HOST, "-p", str(port), "-w", str(workers)]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "HF_HUB_OFFLINE": "1",
+    # mlflow execs `uvicorn` by name: the venv's bin must be on PATH even when python was run by its full path.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": tracking_uri, "HF_HUB_OFFLINE": "1",
            "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
     # Output goes to a file: a pipe nobody reads fills up and blocks the server.
     with tempfile.NamedTemporaryFile(prefix="requant-serve-", suffix=".log", delete=False) as log:
@@ -232,14 +241,14 @@ def summarise(ramp: dict, target_ms: float, texts_per_request: int) -> LoadtestR
     steps = ramp["steps"]
     held = [s for s in steps if not s.get("failed_because")]
     best = max(held, key=lambda s: s["achieved_rps"]) if held else None
-    sent = sum(s["requests"] for s in steps)
+    answered = sum(s["requests"] for s in steps)
     failed = sum(s["failures"] for s in steps)
     return LoadtestResult(
         slo_p95_ms=target_ms, texts_per_request=texts_per_request,
         capacity_rps=best["achieved_rps"] if best else 0.0, p95_ms_at_capacity=best["p95_ms"] if best else None,
-        error_rate=failed / sent if sent else 0.0,
+        error_rate=failed / answered if answered else 0.0,
         server_cpu_percent_at_capacity=best["server_cpu_percent"] if best else None,
-        requests=sent, seconds=ramp["seconds"], stop_reason=ramp["stop_reason"], steps=steps)
+        requests=ramp["requests"], seconds=ramp["seconds"], stop_reason=ramp["stop_reason"], steps=steps)
 
 
 def compare_with_cost_model(result: LoadtestResult, run_metrics: dict[str, float], version_tags: dict[str, str],
@@ -271,8 +280,9 @@ def render(result: LoadtestResult, comparison: CapacityComparison, version: str)
                      f"{s.get('failed_because') or 'held'}")
     lines.append(f"stopped: {result.stop_reason} ({result.requests} requests in {result.seconds:.0f} s, "
                  f"{result.error_rate:.1%} failed)")
-    lines.append(f"served capacity: {result.capacity_rps:.1f} requests/s = {result.capacity_sentences_per_s:.1f} sentences/s "
-                 f"at p95 <= {result.slo_p95_ms:.0f} ms")
+    bound = "" if result.limit_found else "at least "  # no step failed: a budget ended the ramp first
+    lines.append(f"served capacity: {bound}{result.capacity_rps:.1f} requests/s = {result.capacity_sentences_per_s:.1f} "
+                 f"sentences/s at p95 <= {result.slo_p95_ms:.0f} ms")
     if comparison.assumed_sentences_per_s:
         lines.append(f"cost model assumed: {comparison.assumed_sentences_per_s:.1f} sentences/s (batches in one process); "
                      f"served / assumed = {comparison.ratio:.2f}")

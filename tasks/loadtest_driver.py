@@ -51,8 +51,12 @@ def users_for(rate: float, slo_ms: float, max_users: int) -> int:
     return max(1, min(max_users, math.ceil(rate * 2 * slo_ms / 1000)))
 
 
-def make_user(url: str, bodies: list[dict]):
-    """A Locust user class posting the request bodies in turn to /invocations."""
+def make_user(url: str, bodies: list[dict], budget: dict):
+    """A Locust user class posting the request bodies in turn to /invocations.
+
+    `budget["left"]` is the number of requests still allowed: a user that finds it spent sends
+    nothing more, so the test never exceeds loadtest.max_requests.
+    """
     turn = count()
 
     class ModelClient(FastHttpUser):
@@ -61,15 +65,21 @@ def make_user(url: str, bodies: list[dict]):
 
         @task
         def invoke(self):
+            if budget["left"] <= 0:
+                gevent.sleep(0.05)
+                return
+            budget["left"] -= 1  # greenlets switch only on I/O: no race between the check and this
             body = bodies[next(turn) % len(bodies)]
             self.client.post("/invocations", json=body, name="invocations")
 
     return ModelClient
 
 
-def run_step(user_class, rate: float, users: int, seconds: float, requests_left: int, server_pid: int) -> dict:
+def run_step(user_class, budget: dict, rate: float, users: int, seconds: float, requests_left: int,
+             server_pid: int) -> dict:
     """Offer `rate` requests/s for `seconds` (or until `requests_left` are sent); return what was measured."""
     user_class.wait_time = constant_throughput(rate / users)
+    budget["left"] = requests_left
     env = Environment(user_classes=[user_class], catch_exceptions=True)
     runner = env.create_local_runner()
     cpu_before, started = server_cpu_seconds(server_pid), time.monotonic()
@@ -116,7 +126,8 @@ def ramp(spec: dict) -> dict:
     """Run the stepped ramp the spec describes; return every step and why the ramp stopped."""
     texts, size = spec["texts"], spec["texts_per_request"]
     bodies = [{"inputs": [texts[(i * size + j) % len(texts)] for j in range(size)]} for i in range(max(1, len(texts) // size))]
-    user_class = make_user(spec["url"], bodies)
+    budget = {"left": spec["max_requests"]}
+    user_class = make_user(spec["url"], bodies, budget)
     steps, began, sent, rate = [], time.monotonic(), 0, spec["start_rps"]
     stop_reason = f"reached max_steps ({spec['max_steps']})"
     for _ in range(spec["max_steps"]):
@@ -126,8 +137,10 @@ def ramp(spec: dict) -> dict:
             stop_reason = "time budget spent" if left_s < 1 else "request budget spent"
             break
         users = users_for(rate, spec["slo_ms"], spec["max_users"])
-        step = run_step(user_class, rate, users, min(spec["step_seconds"], left_s), left_requests, spec["server_pid"])
-        sent += step["requests"]
+        step = run_step(user_class, budget, rate, users, min(spec["step_seconds"], left_s), left_requests, spec["server_pid"])
+        # Requests issued, answered or not (a request cut off by the end of a step was still sent).
+        step["issued"] = left_requests - budget["left"]
+        sent += step["issued"]
         step["failed_because"] = judge_step(step, spec["slo_ms"], spec["max_error_rate"])
         steps.append(step)
         if step["failed_because"]:
