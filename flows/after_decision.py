@@ -136,11 +136,11 @@ def rollout(params_path: str, sample: str | None = None, text_column: str | None
     tracker = Tracker(settings.registry)
     name, registry = settings.registry.serving_model_name, settings.registry
     production, challenger = tracker.production(), tracker.challenger()
-    if production is None:
-        raise RequantError(f"{name}@{registry.production_alias} is not set: nothing to compare with; run `requant run` first")
     if challenger is None:
         raise RequantError(f"{name}@{registry.challenger_alias} is not set: set registry.rollout: challenger in "
                            "params.yaml and run `requant run`")
+    if production is None:
+        return _first_production(tracker, str(challenger.version), params_path)
     if str(challenger.version) == str(production.version):
         raise RequantError(f"{name}@{registry.challenger_alias} and @{registry.production_alias} are both version "
                            f"{production.version}: there is nothing to roll out")
@@ -166,6 +166,16 @@ def rollout(params_path: str, sample: str | None = None, text_column: str | None
         if verdict.flip:
             tracker.flip_to_challenger(str(challenger.version), run_id, _lock_dir(params_path))
     return RolloutOutcome(str(production.version), str(challenger.version), verdict.flip, verdict.reason, run_id, result)
+
+
+def _first_production(tracker: Tracker, challenger: str, params_path: str) -> RolloutOutcome:
+    """No production yet: nothing to shadow against, so the challenger becomes the first production (recorded)."""
+    reason = "no production version to compare with: the challenger becomes the first production"
+    with tracker.operation_run("rollout", f"rollout-first-v{challenger}", {"requant.challenger_version": challenger}) as run_id:
+        tracker.set_tags(run_id, {"requant.rollout_outcome": "flipped", "requant.rollout_reason": reason})
+        tracker.flip_to_challenger(challenger, run_id, _lock_dir(params_path))
+    empty = ShadowResult(0, 1.0, None, None, None, 0.0, 0.0, 0.0, 0.0, 0)
+    return RolloutOutcome("none", challenger, True, reason, run_id, empty)
 
 
 def rollback(params_path: str, reason: str, to_version: str | None = None) -> dict[str, str]:
