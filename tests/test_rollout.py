@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 from flows.cli import main
 from tasks import tracking
 from tasks.rollback import blocking_rollback
+from tasks.rollout import ShadowResult, judge_rollout
 from tasks.settings import load_settings
 from tasks.tracking import Tracker
 from tests.conftest import REPO
@@ -136,3 +137,21 @@ def test_rollback_with_no_earlier_version_or_no_reason_fails_and_keeps_productio
     assert main(["rollback", "--params", params, "--to", "9", "--reason", "bad"]) == 2
     assert "has no version 9 (versions: 1)" in capsys.readouterr().err
     assert str(tracker.production().version) == "1" and not runs_of(tracker, "rollback")
+
+
+def shadow(agreement, production_accuracy=None, challenger_accuracy=None):
+    loss = (None if production_accuracy is None else
+            (production_accuracy - challenger_accuracy) / production_accuracy)
+    return ShadowResult(200, agreement, production_accuracy, challenger_accuracy, loss, 5.0, 9.0, 4.0, 8.0, 16)
+
+
+@pytest.mark.parametrize("result, flip, why", [
+    (shadow(0.99), True, "agreement 99.00% >= 97.00%"),  # no labels: agreement alone
+    (shadow(0.96), False, "below rollout.min_agreement"),
+    (shadow(0.98, 0.90, 0.89), True, "accuracy 89.00% vs production 90.00%"),  # 1.1% relative loss, within 1.5%
+    (shadow(0.98, 0.90, 0.88), False, "above quality_bar.max_relative_accuracy_loss"),  # 2.2% relative loss
+    (shadow(0.97, 0.80, 0.85), True, "agreement 97.00%"),  # better than production
+])
+def test_rollout_rule_needs_agreement_and_accuracy_within_the_bar(result, flip, why):
+    verdict = judge_rollout(result, min_agreement=0.97, max_relative_accuracy_loss=0.015)
+    assert verdict.flip is flip and why in verdict.reason
