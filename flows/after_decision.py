@@ -19,7 +19,13 @@ from tasks import tracking
 from tasks.data_prep import LABEL, TEXT
 from tasks.errors import RequantError
 from tasks.rollback import current_user
-from tasks.rollout import ShadowResult, TrafficSample, judge_rollout, read_traffic, replay
+from tasks.rollout import (
+    ShadowResult,
+    TrafficSample,
+    judge_rollout,
+    read_traffic,
+    replay,
+)
 from tasks.settings import Settings, load_settings
 from tasks.tracking import Tracker
 

@@ -201,6 +201,10 @@ def _status(args) -> int:
             print(f"  {key}: {version.tags[key]}")
     else:
         print(f"models:/{name}@{alias} is not set yet: run `requant run`")
+    challenger = tracker.challenger()
+    if challenger:
+        print(f"models:/{name}@{settings.registry.challenger_alias} -> version {challenger.version} "
+              "(`requant rollout` compares it with production)")
     last = tracker.last_decision()
     if last:
         decision = last["decision"]

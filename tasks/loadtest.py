@@ -20,14 +20,19 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from tasks.cost import CostEstimate, monthly_cost
 from tasks.errors import RequantError
-from tasks.settings import HardwareProfile, LoadtestSettings, QualityBar, TrafficSettings
+from tasks.settings import (
+    HardwareProfile,
+    LoadtestSettings,
+    QualityBar,
+    TrafficSettings,
+)
 
 HOST = "127.0.0.1"
 DEFAULT_SLO_MS = 100.0
@@ -268,10 +273,10 @@ def compare_with_cost_model(result: LoadtestResult, run_metrics: dict[str, float
 
 def render(result: LoadtestResult, comparison: CapacityComparison, version: str) -> str:
     """The steps as a table, then capacity against the cost model's estimate."""
-    lines = [f"load test of version {version}: p95 target {result.slo_p95_ms:.0f} ms, "
-             f"{result.texts_per_request} text(s) per request",
-             f"{'offered/s':>10} {'served/s':>9} {'users':>5} {'reqs':>6} {'err':>6} {'p50 ms':>7} {'p95 ms':>7} "
-             f"{'cpu %':>6}  verdict"]
+    lines = [(f"load test of version {version}: p95 target {result.slo_p95_ms:.0f} ms, "
+              f"{result.texts_per_request} text(s) per request"),
+             (f"{'offered/s':>10} {'served/s':>9} {'users':>5} {'reqs':>6} {'err':>6} {'p50 ms':>7} {'p95 ms':>7} "
+              f"{'cpu %':>6}  verdict")]
     for s in result.steps:
         p50 = f"{s['p50_ms']:.0f}" if s["p50_ms"] is not None else "-"
         p95 = f"{s['p95_ms']:.0f}" if s["p95_ms"] is not None else "-"

@@ -18,7 +18,7 @@ def current_user() -> str:
         return os.environ[USER_ENV]
     try:
         return getpass.getuser()
-    except Exception:  # no passwd entry (some containers)
+    except (OSError, KeyError):  # no passwd entry (some containers)
         return os.environ.get("USER", "unknown")
 
 

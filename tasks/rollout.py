@@ -9,9 +9,9 @@ and, where the sample has labels, accuracy. `judge_rollout` is the pure rule. Th
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd

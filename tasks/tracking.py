@@ -708,10 +708,10 @@ class Tracker:
         Raises:
             RequantError: production is no longer `from_version` (someone moved it meanwhile).
         """
-        from datetime import datetime, timezone
+        from datetime import UTC, datetime
 
         name = self.settings.serving_model_name
-        when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        when = datetime.now(UTC).isoformat(timespec="seconds")
         with exclusive(lock_dir, f"rollout-{name}"):
             current = self.production()
             if current is None or str(current.version) != str(from_version):

@@ -8,6 +8,7 @@ measures the default winner).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import psutil
@@ -76,8 +77,8 @@ def test_loadtest_measures_capacity_records_it_on_the_version_run_and_stays_in_b
     assert len(steps) == metrics["loadtest_steps"] and sum(s["issued"] for s in steps) == metrics["loadtest_requests"]
     for step in steps:  # every step measured latency, errors and the server's CPU
         assert step["requests"] > 0 and step["p95_ms"] > 0 and step["server_cpu_percent"] >= 0
-    recorded = tracker.client.download_artifacts(served.run_id, "loadtest.json")
-    assert json.loads(open(recorded).read())["result"]["steps"] == steps
+    recorded = Path(tracker.client.download_artifacts(served.run_id, "loadtest.json"))
+    assert json.loads(recorded.read_text())["result"]["steps"] == steps
 
 
 def test_loadtest_of_an_unset_alias_fails_with_one_line_and_starts_no_server(served_project, capsys):

@@ -61,9 +61,9 @@ def test_challenger_rollout_then_rollback_and_no_repromotion(tmp_path, tiny_mode
     assert main(["rollback", "--params", params, "--to", older, "--reason", "support tickets doubled"]) == 0
     assert str(tracker.production().version) == older
 
-    settings = yaml.safe_load(open(params))
+    settings = yaml.safe_load((project / "params.yaml").read_text())
     settings["registry"]["rollout"] = "direct"  # not part of the decision key
-    open(params, "w").write(yaml.safe_dump(settings))
+    (project / "params.yaml").write_text(yaml.safe_dump(settings))
     capsys.readouterr()
     again = requantize(params_path=params, model_uri=str(tiny_model_folder), force=True)
     assert again.decision_key == first.decision_key and again.winner == first.winner
