@@ -88,3 +88,22 @@ def test_loadtest_of_an_unset_alias_fails_with_one_line_and_starts_no_server(ser
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "@challenger is not set" in err
     assert not started_by_loadtest()
+
+
+def step(offered, achieved, p95, failures=0, requests=100, failed_because=None):
+    return {"offered_rps": offered, "achieved_rps": achieved, "p95_ms": p95, "requests": requests, "issued": requests,
+            "failures": failures, "server_cpu_percent": 50.0, "failed_because": failed_because}
+
+
+def test_capacity_is_the_best_step_that_held_and_a_ramp_no_step_failed_is_a_lower_bound():
+    from tasks.loadtest import summarise
+
+    ramp = {"steps": [step(10, 10, 20), step(20, 19.5, 60), step(40, 30, 400, failures=5, failed_because="p95 400 ms")],
+            "stop_reason": "step at 40.0 requests/s failed", "requests": 300, "seconds": 30.0}
+    result = summarise(ramp, 100.0, texts_per_request=4)
+    assert result.capacity_rps == 19.5 and result.capacity_sentences_per_s == 78.0 and result.p95_ms_at_capacity == 60
+    assert result.error_rate == 5 / 300 and result.limit_found
+    budget_ended = summarise({**ramp, "steps": ramp["steps"][:2], "stop_reason": "time budget spent"}, 100.0, 1)
+    assert budget_ended.capacity_rps == 19.5 and not budget_ended.limit_found
+    nothing_held = summarise({**ramp, "steps": ramp["steps"][2:]}, 100.0, 1)
+    assert nothing_held.capacity_rps == 0 and nothing_held.p95_ms_at_capacity is None
