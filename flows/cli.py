@@ -9,6 +9,9 @@
     requant webhook-receiver   receive MLflow registry webhooks and emit Prefect events
     requant register-webhook   create the MLflow webhook that calls the receiver
     requant fetch-data         get missing data CSVs from the mirror or the public source (sha256-checked)
+    requant loadtest  serve a version, ramp the load (Locust), compare served capacity with the cost model
+    requant rollout   replay traffic through production and challenger; flip production if the challenger holds
+    requant rollback  move production back to the version it replaced, recorded with who, when and why
 
 Errors a user can fix print one line on stderr and exit 2; nothing is promoted. A service that
 fails (tracking server, artifact store) prints one line and exits 1; Ctrl-C and SIGTERM print one
@@ -65,6 +68,29 @@ def _parser() -> argparse.ArgumentParser:
     hook.add_argument("--params", default="params.yaml")
     hook.add_argument("--url", required=True, help="The receiver's URL, e.g. http://127.0.0.1:8788/mlflow")
 
+    loadtest = sub.add_parser("loadtest", help="Serve a version on 127.0.0.1 and find its capacity at the p95 target.")
+    loadtest.add_argument("--params", default="params.yaml")
+    loadtest.add_argument("--version", default="production",
+                          help="A serving-model version number or alias (default: production).")
+    loadtest.add_argument("--sample", default=None, help="CSV of request texts (default: the prepared evaluation set).")
+    loadtest.add_argument("--reprice", action="store_true",
+                          help="Price the served capacity (tasks/cost.py) and record it on the version.")
+    loadtest.add_argument("--max-requests", type=int, default=None, help="Override loadtest.max_requests.")
+    loadtest.add_argument("--max-seconds", type=float, default=None, help="Override loadtest.max_seconds.")
+    loadtest.add_argument("--json", action="store_true", help="Print the result as JSON.")
+
+    rollout = sub.add_parser("rollout", help="Shadow-compare @challenger with @production; flip if it holds the bar.")
+    rollout.add_argument("--params", default="params.yaml")
+    rollout.add_argument("--sample", default=None,
+                         help="CSV of texts, optionally labelled (default: the prepared evaluation set).")
+    rollout.add_argument("--text-column", default=None, help="Text column of --sample (default: text).")
+    rollout.add_argument("--label-column", default=None, help="Label column of --sample, if any (default: label).")
+
+    rollback = sub.add_parser("rollback", help="Move @production back to the version it replaced (recorded).")
+    rollback.add_argument("--params", default="params.yaml")
+    rollback.add_argument("--to", default=None, help="The version to go back to (default: the one production replaced).")
+    rollback.add_argument("--reason", required=True, help="Why: recorded on the versions and the rollback run.")
+
     fetch = sub.add_parser("fetch-data", help="Fetch missing data CSVs (data.mirror_url, then data.source_urls).")
     fetch.add_argument("--params", default="params.yaml")
     return parser
@@ -83,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"train": _train, "run": _run, "status": _status, "report": _report, "recipes": _recipes, "serve": _serve,
                     "webhook-receiver": _webhook_receiver, "register-webhook": _register_webhook,
-                    "fetch-data": _fetch_data}
+                    "fetch-data": _fetch_data, "loadtest": _loadtest, "rollout": _rollout, "rollback": _rollback}
         return commands[args.command](args)
     except BaseException as exc:
         stop = interrupts.received()
@@ -155,7 +181,8 @@ def _run(args) -> int:
         return 0
     print(summary.report)
     if summary.promoted_version:
-        print(f"promoted: models:/{summary.decision['serving_model']}/{summary.promoted_version} is now @production")
+        alias = summary.decision.get("promoted_alias") or "production"
+        print(f"promoted: models:/{summary.decision['serving_model']}/{summary.promoted_version} is now @{alias}")
     print("phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in summary.phases.items()))
     return 0
 
@@ -174,6 +201,10 @@ def _status(args) -> int:
             print(f"  {key}: {version.tags[key]}")
     else:
         print(f"models:/{name}@{alias} is not set yet: run `requant run`")
+    challenger = tracker.challenger()
+    if challenger:
+        print(f"models:/{name}@{settings.registry.challenger_alias} -> version {challenger.version} "
+              "(`requant rollout` compares it with production)")
     last = tracker.last_decision()
     if last:
         decision = last["decision"]
@@ -255,6 +286,43 @@ def _fetch_data(args) -> int:
     for result in ensure_data(load_settings(args.params).data):
         where = f"fetched from {result.fetched_from} (sha256 checked)" if result.fetched_from else "present"
         print(f"{result.split}: {result.path}: {where}")
+    return 0
+
+
+def _loadtest(args) -> int:
+    from flows.after_decision import loadtest_version
+
+    overrides = {k: v for k, v in {"max_requests": args.max_requests, "max_seconds": args.max_seconds}.items()
+                 if v is not None}
+    done = loadtest_version(args.params, args.version, args.sample, args.reprice, overrides)
+    if args.json:
+        print(json.dumps({"version": done.version, "run_id": done.run_id, **done.result.as_dict(),
+                          **done.comparison.metrics()}, indent=2, default=str))
+        return 0
+    print(done.report)
+    print(f"recorded as loadtest_* metrics on run {done.run_id}")
+    return 0
+
+
+def _rollout(args) -> int:
+    from flows.after_decision import rollout
+
+    done = rollout(args.params, args.sample, args.text_column, args.label_column)
+    if done.flipped:
+        print(f"flipped: version {done.challenger_version} is now production (was {done.production_version}): {done.reason}")
+    else:
+        print(f"not flipped: production stays version {done.production_version}; challenger "
+              f"{done.challenger_version}: {done.reason}")
+    print(f"recorded in run {done.run_id}")
+    return 0
+
+
+def _rollback(args) -> int:
+    from flows.after_decision import rollback
+
+    done = rollback(args.params, args.reason, args.to)
+    print(f"rolled back: production is version {done['to']} again (was {done['from']}), by {done['by']}; "
+          f"recorded in run {done['run_id']}")
     return 0
 
 

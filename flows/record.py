@@ -159,8 +159,8 @@ def version_markdown(tracker: Tracker, parent_id: str, decision: Decision, analy
 
 
 def serving_model_markdown(tracker: Tracker, parent_id: str, source, decision: Decision, version: str,
-                           settings: Settings) -> str:
-    """The serving model's description: what it holds and the decision behind its production alias."""
+                           settings: Settings, alias: str | None = None) -> str:
+    """The serving model's description: what it holds and the decision behind the alias just moved."""
     return (f"Quantized versions of `{source.uri}` chosen by requant: the cheapest configuration that meets the "
-            f"quality bar on measured throughput.\n\n`@{settings.registry.production_alias}` -> version {version}: "
+            f"quality bar on measured throughput.\n\n`@{alias or settings.registry.production_alias}` -> version {version}: "
             f"{decision.summary}\n\nDecision: [requantize run {parent_id}]({tracker.run_link(parent_id)}).")

@@ -19,7 +19,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import record
-from tasks import data_version, interrupts, qat, tracking, validation
+from tasks import data_version, interrupts, qat, rollback, tracking, validation
 from tasks.benchmark import cpu_info
 from tasks.candidates import (
     BuiltCandidate,
@@ -251,6 +251,11 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
             winner = next((m for m in measured if m.built.name == decision.winner), None)
             confirmation = confirm_winner(winner, decision, reference, settings)
             same_graph_as_production(winner, decision, measured)
+            # A winner that repeats a version someone rolled back is not promoted again.
+            blocked = (rollback.blocking_rollback(key, winner.built.config_hash, tracker.rolled_back_versions())
+                       if decision.promote else None)
+            if blocked:
+                decision.promote, decision.summary = False, rollback.kept_summary(blocked)
             outcome = ("promoted" if decision.promote else
                        "not-confirmed" if confirmation and not confirmation["passed_bar"] else
                        "kept-production" if decision.winner else "no-candidate-passed")
@@ -272,7 +277,9 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
 
         analysis = analyse(measured, decision, profile, time.perf_counter() - started)
         table = render_table(candidate_rows(measured, decision))
+        alias = settings.registry.promotion_alias()  # production, or challenger with registry.rollout: challenger
         decided = {**decision.as_dict(), "outcome": outcome, "promoted_version": promoted_version,
+                   "promoted_alias": alias if promoted_version else None,
                    "decision_key": key, "serving_model": settings.registry.serving_model_name,
                    "hardware_profile": profile.name, "host": host, "search": search_record, "flow_pid": os.getpid(),
                    "confirmation": confirmation, "hard_slice_intents": reference.hard_classes,
@@ -298,16 +305,15 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
                 tracker.describe_version(promoted_version, record.version_markdown(tracker, parent_id, decision, analysis))
         tracker.set_tags(parent_id, {tracking.TAG_KEY: key, tracking.TAG_OUTCOME: outcome,
                                      "requant.winner": decision.winner or "",
-                                     **({tracking.TAG_PROMOTED_VERSION: promoted_version,
+                                     **({tracking.TAG_PROMOTED_VERSION: promoted_version, tracking.TAG_PROMOTED_ALIAS: alias,
                                          tracking.TAG_PROMOTION: "pending"} if promoted_version else {})})
         if promoted_version:
             with clock.phase("select"):
-                tracker.move_alias(promoted_version, project / ".requant")
+                tracker.move_alias(promoted_version, project / ".requant", alias=alias)
                 tracker.set_tags(parent_id, {tracking.TAG_PROMOTION: "done"})
-                log.info("alias %s@%s -> version %s", settings.registry.serving_model_name,
-                         settings.registry.production_alias, promoted_version)
+                log.info("alias %s@%s -> version %s", settings.registry.serving_model_name, alias, promoted_version)
                 tracker.describe_serving_model(record.serving_model_markdown(tracker, parent_id, source, decision,
-                                                                             promoted_version, settings))
+                                                                             promoted_version, settings, alias))
         tracker.log_metrics(parent_id, {f"phase_{k}_seconds": v for k, v in clock.seconds.items()})
 
     from prefect.runtime import flow_run

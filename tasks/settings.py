@@ -304,6 +304,49 @@ class RegistrySettings(_Section):
     experiment: str = Field("requant", description="MLflow experiment name.")
     serving_model_name: str = Field("minilm-banking77-serving", description="Registered model that holds promoted quantized versions.")
     production_alias: str = Field("production", description="Alias moved to the winner.")
+    challenger_alias: str = Field("challenger", description="Alias a winner gets with rollout: challenger.")
+    rollout: Literal["direct", "challenger"] = Field(
+        "direct", description="'direct': the flow moves the production alias to the winner; 'challenger': it moves the "
+                              "challenger alias, and `requant rollout` flips production after a shadow comparison.")
+
+    @model_validator(mode="after")
+    def _aliases_differ(self) -> "RegistrySettings":
+        if self.challenger_alias == self.production_alias:
+            raise ValueError(f"challenger_alias and production_alias are both '{self.production_alias}': give them "
+                             "different names")
+        return self
+
+    def promotion_alias(self) -> str:
+        """The alias the flow moves to its winner."""
+        return self.challenger_alias if self.rollout == "challenger" else self.production_alias
+
+
+class RolloutSettings(_Section):
+    """`requant rollout`: when a challenger may replace production after a shadow comparison."""
+
+    min_agreement: float = Field(0.97, ge=0, le=1, description="Share of replayed texts on which the challenger must give "
+                                                               "production's label.")
+    max_rows: int = Field(2000, ge=1, description="At most this many texts of the traffic sample are replayed.")
+    batch_size: int = Field(16, ge=1, description="Texts per call when replaying the sample through each model.")
+
+
+class LoadtestSettings(_Section):
+    """`requant loadtest`: a served version under a stepped load (Locust), bounded in requests and time."""
+
+    slo_p95_ms: float | None = Field(
+        None, gt=0, description="p95 latency a step must hold to count as sustained; null = quality_bar.max_p95_latency_ms, "
+                                "or 100 ms when that is null too.")
+    texts_per_request: int = Field(1, ge=1, description="Texts in each request body (1 = one user query per request).")
+    start_rps: float = Field(5.0, gt=0, description="Request rate of the first step.")
+    step_factor: float = Field(1.5, gt=1, description="Each step offers this many times the previous step's rate.")
+    step_seconds: float = Field(10.0, gt=0, description="Length of each step.")
+    max_steps: int = Field(12, ge=1, description="Steps at most (the ramp also stops at the first step that fails).")
+    max_requests: int = Field(20000, ge=1, description="Requests at most over the whole test.")
+    max_seconds: float = Field(180.0, gt=0, description="Wall seconds at most for the load (server start not counted).")
+    max_users: int = Field(64, ge=1, description="Concurrent simulated clients at most.")
+    max_error_rate: float = Field(0.01, ge=0, lt=1, description="A step with more failed requests than this share fails.")
+    server_start_timeout_s: float = Field(180.0, gt=0, description="How long `mlflow models serve` may take to answer.")
+    server_workers: int = Field(1, ge=1, description="uvicorn workers of the served model (`mlflow models serve -w`).")
 
 
 class Settings(_Section):
@@ -320,6 +363,8 @@ class Settings(_Section):
     qat: QatSettings = QatSettings()
     operations: OperationsSettings = OperationsSettings()
     registry: RegistrySettings = RegistrySettings()
+    rollout: RolloutSettings = RolloutSettings()
+    loadtest: LoadtestSettings = LoadtestSettings()
 
 
 class SettingsError(RequantError):

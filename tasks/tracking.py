@@ -46,6 +46,18 @@ TAG_PROMOTION = "requant.promotion"
 # host:pid:start-time of the process that runs a run, so a later run can tell a dead one from a live one.
 TAG_PROCESS = "requant.process"
 TAG_RECONCILED = "requant.reconciled"
+# The alias a run moved to its winner (production, or challenger with registry.rollout: challenger).
+TAG_PROMOTED_ALIAS = "requant.promoted_alias"
+# On a version: the version production pointed at before the alias moved to it (where a rollback goes).
+TAG_PREVIOUS_PRODUCTION = "requant.previous_production"
+# On a version taken out of production by `requant rollback`: when, by whom, why, and to which version.
+TAG_ROLLED_BACK_AT = "requant.rolled_back_at"
+TAG_ROLLED_BACK_BY = "requant.rolled_back_by"
+TAG_ROLLBACK_REASON = "requant.rollback_reason"
+TAG_ROLLED_BACK_TO = "requant.rolled_back_to"
+TAG_ROLLBACK_RUN = "requant.rollback_run"
+# What kind of run a non-requantize run is: rollout, rollback, loadtest.
+TAG_KIND = "requant.kind"
 DECISION_FILE = "decision.json"
 PIP_REQUIREMENTS = ["onnxruntime==1.32.0", "onnx==1.23.2"]
 # What the served text-in model needs (tasks/serving.py); torch is not among them.
@@ -535,17 +547,47 @@ class Tracker:
 
     def production(self):
         """The ModelVersion behind the production alias of the serving model, or None if the alias is unset."""
+        return self.version_by_alias(self.settings.production_alias)
+
+    def challenger(self):
+        """The ModelVersion behind the challenger alias of the serving model, or None if the alias is unset."""
+        return self.version_by_alias(self.settings.challenger_alias)
+
+    def version_by_alias(self, alias: str):
+        """The serving model's ModelVersion behind `alias`, or None if the alias (or the model) does not exist.
+
+        Raises:
+            ServiceUnavailable: the registry did not answer (never taken for "no version").
+        """
         from mlflow.exceptions import MlflowException
 
         try:
-            return self.client.get_model_version_by_alias(self.settings.serving_model_name, self.settings.production_alias)
+            return self.client.get_model_version_by_alias(self.settings.serving_model_name, alias)
         except MlflowException as exc:
-            # Only the registry's own "no such model/alias" means there is no production model; an
+            # Only the registry's own "no such model/alias" means there is no version; an
             # unreachable server must not be taken for one (it would promote against nothing).
             if _is_not_found(exc):
                 return None
-            what = f"cannot read {self.settings.serving_model_name}@{self.settings.production_alias}"
+            what = f"cannot read {self.settings.serving_model_name}@{alias}"
             raise ServiceUnavailable(f"{what}: {_describe_service_error(exc) or _first_line(exc)}") from exc
+
+    def serving_version(self, version: str):
+        """The serving model's ModelVersion `version`.
+
+        Raises:
+            RequantError: the registry has no such version (the message lists the versions it has).
+        """
+        from mlflow.exceptions import MlflowException
+
+        name = self.settings.serving_model_name
+        try:
+            return self.client.get_model_version(name, str(version))
+        except MlflowException as exc:
+            if not _is_not_found(exc):
+                raise
+            known = sorted(int(v.version) for v in self.client.search_model_versions(f"name = '{name}'"))
+            raise RequantError(f"{name} has no version {version} (versions: {', '.join(map(str, known[-10:])) or 'none'}): "
+                               "pass an existing version") from exc
 
     def fetch_production(self, dst: Path) -> ProductionVersion | None:
         """Download the production version's ONNX graph so this run can measure it side by side.
@@ -592,22 +634,160 @@ class Tracker:
             version = existing[0] if existing else self._mlflow.register_model(model_uri, name, tags=tags)
         return str(version.version)
 
-    def move_alias(self, version: str, lock_dir: Path) -> None:
-        """Move the production alias to `version` and check that it reads back.
+    def move_alias(self, version: str, lock_dir: Path, alias: str | None = None) -> None:
+        """Move `alias` (default: the production alias) to `version` and check that it reads back.
 
         The last step of a promotion: the decision record is written before it, so an alias never
         points at a version whose decision is missing. Promotions are serialised by an exclusive
-        file lock: aliases are last-writer-wins.
+        file lock: aliases are last-writer-wins. When production moves, the new version is tagged
+        with the version it replaces, so `requant rollback` knows where to go back to.
         """
-        name, alias = self.settings.serving_model_name, self.settings.production_alias
+        name, alias = self.settings.serving_model_name, alias or self.settings.production_alias
         with exclusive(lock_dir, f"promote-{name}"):
             interrupts.check()  # never move the alias after Ctrl-C or SIGTERM
-            log.info("moving %s@%s to version %s", name, alias, version)
-            self.client.set_registered_model_alias(name, alias, version)
-            now = self.client.get_model_version_by_alias(name, alias)
-            if str(now.version) != str(version):
-                raise RequantError(f"alias {name}@{alias} reads back version {now.version}, expected {version}")
-            log.info("moved %s@%s to version %s", name, alias, version)
+            if alias == self.settings.production_alias:
+                before = self.production()
+                if before is not None and str(before.version) != str(version):
+                    self.client.set_model_version_tag(name, str(version), TAG_PREVIOUS_PRODUCTION, str(before.version))
+            self._set_alias(alias, version)
+
+    def _set_alias(self, alias: str, version: str) -> None:
+        """Point `alias` at `version` and read it back (the caller holds the promotion lock)."""
+        name = self.settings.serving_model_name
+        log.info("moving %s@%s to version %s", name, alias, version)
+        self.client.set_registered_model_alias(name, alias, str(version))
+        now = self.client.get_model_version_by_alias(name, alias)
+        if str(now.version) != str(version):
+            raise RequantError(f"alias {name}@{alias} reads back version {now.version}, expected {version}")
+        log.info("moved %s@%s to version %s", name, alias, version)
+
+    def drop_alias(self, alias: str, lock_dir: Path) -> None:
+        """Remove `alias` from the serving model (nothing happens if it is not set)."""
+        name = self.settings.serving_model_name
+        with exclusive(lock_dir, f"promote-{name}"):
+            if self.version_by_alias(alias) is not None:
+                self.client.delete_registered_model_alias(name, alias)
+
+    # ----------------------------------------------------------------- after the decision
+    def flip_to_challenger(self, challenger_version: str, rollout_run_id: str, lock_dir: Path) -> None:
+        """Move production to the challenger a shadow comparison accepted, then drop the challenger alias.
+
+        Raises:
+            RequantError: the challenger alias moved to another version since the comparison began
+                (the comparison no longer describes it), or production does not read back.
+        """
+        name = self.settings.serving_model_name
+        with exclusive(lock_dir, f"rollout-{name}"):
+            now = self.challenger()
+            if now is None or str(now.version) != str(challenger_version):
+                raise RequantError(f"{name}@{self.settings.challenger_alias} moved to version "
+                                   f"{now.version if now else 'none'} during the comparison of version "
+                                   f"{challenger_version}: run `requant rollout` again")
+            self.move_alias(challenger_version, lock_dir)
+            self.client.set_model_version_tag(name, str(challenger_version), "requant.rolled_out_in", rollout_run_id)
+            self.drop_alias(self.settings.challenger_alias, lock_dir)
+
+    def rollback_target(self, current) -> str | None:
+        """The version production should go back to from `current`: the production it replaced,
+        skipping versions that were themselves rolled back; else the newest earlier version that
+        requant registered and nobody rolled back. None when there is none."""
+        name = self.settings.serving_model_name
+        seen = {str(current.version)}
+        previous = current.tags.get(TAG_PREVIOUS_PRODUCTION)
+        while previous and previous not in seen:
+            seen.add(previous)
+            try:
+                candidate = self.client.get_model_version(name, previous)
+            except Exception:  # deleted since
+                break
+            if TAG_ROLLED_BACK_AT not in candidate.tags:
+                return str(candidate.version)
+            previous = candidate.tags.get(TAG_PREVIOUS_PRODUCTION)
+        earlier = [v for v in self.client.search_model_versions(f"name = '{name}'")
+                   if int(v.version) < int(current.version) and TAG_KEY in v.tags and TAG_ROLLED_BACK_AT not in v.tags]
+        return str(max(earlier, key=lambda v: int(v.version)).version) if earlier else None
+
+    def record_rollback(self, from_version: str, to_version: str, reason: str, user: str, lock_dir: Path) -> str:
+        """Move production from `from_version` back to `to_version`, recorded; return the rollback run's id.
+
+        The record: a `rollback` run (who, when, why, from, to) and tags on both versions; the
+        rolled-back version keeps its decision key and config hash, so the nightly run can tell it
+        was rolled back (`rolled_back_versions`). The alias moves last, after the record.
+
+        Raises:
+            RequantError: production is no longer `from_version` (someone moved it meanwhile).
+        """
+        from datetime import UTC, datetime
+
+        name = self.settings.serving_model_name
+        when = datetime.now(UTC).isoformat(timespec="seconds")
+        with exclusive(lock_dir, f"rollout-{name}"):
+            current = self.production()
+            if current is None or str(current.version) != str(from_version):
+                raise RequantError(f"{name}@{self.settings.production_alias} is version "
+                                   f"{current.version if current else 'none'}, not {from_version}: run `requant rollback` again")
+            record = {"from_version": str(from_version), "to_version": str(to_version), "reason": reason, "user": user,
+                      "at": when, "decision_key": current.tags.get(TAG_KEY, ""),
+                      "config_hash": current.tags.get(TAG_CONFIG_HASH, "")}
+            run = self.client.create_run(self.experiment_id(), run_name=f"rollback-v{from_version}-to-v{to_version}",
+                                         tags={**lineage_tags("flows.cli rollback"), TAG_KIND: "rollback",
+                                               TAG_ROLLED_BACK_BY: user, TAG_ROLLED_BACK_AT: when,
+                                               TAG_ROLLBACK_REASON: reason, "requant.from_version": str(from_version),
+                                               TAG_ROLLED_BACK_TO: str(to_version)})
+            run_id = run.info.run_id
+            self.client.log_dict(run_id, record, "rollback.json")
+            for key, value in {TAG_ROLLED_BACK_AT: when, TAG_ROLLED_BACK_BY: user, TAG_ROLLBACK_REASON: reason,
+                               TAG_ROLLED_BACK_TO: str(to_version), TAG_ROLLBACK_RUN: run_id}.items():
+                self.client.set_model_version_tag(name, str(from_version), key, value[:5000])
+            self.client.set_model_version_tag(name, str(to_version), "requant.restored_from", str(from_version))
+            self.client.set_model_version_tag(name, str(to_version), "requant.restored_at", when)
+            with exclusive(lock_dir, f"promote-{name}"):
+                interrupts.check()
+                # Not move_alias: the restored version must not record the rolled-back one as its predecessor.
+                self._set_alias(self.settings.production_alias, str(to_version))
+            self.client.set_terminated(run_id, "FINISHED")
+        return run_id
+
+    def rolled_back_versions(self) -> list[dict[str, str]]:
+        """Every serving-model version `requant rollback` took out of production: one dict per version
+        with version, decision_key, config_hash, at, by, reason, to (newest rollback first)."""
+        name = self.settings.serving_model_name
+        try:
+            versions = self.client.search_model_versions(f"name = '{name}'")
+        except Exception as exc:
+            if _is_not_found(exc):
+                return []
+            raise
+        found = [{"version": str(v.version), "decision_key": v.tags.get(TAG_KEY, ""),
+                  "config_hash": v.tags.get(TAG_CONFIG_HASH, ""), "at": v.tags[TAG_ROLLED_BACK_AT],
+                  "by": v.tags.get(TAG_ROLLED_BACK_BY, ""), "reason": v.tags.get(TAG_ROLLBACK_REASON, ""),
+                  "to": v.tags.get(TAG_ROLLED_BACK_TO, "")}
+                 for v in versions if TAG_ROLLED_BACK_AT in v.tags]
+        return sorted(found, key=lambda r: r["at"], reverse=True)
+
+    def load_served_model(self, version: str):
+        """The serving model's version as MLflow loads it for `mlflow models serve` (pyfunc: texts in, label and score out)."""
+        return self._mlflow.pyfunc.load_model(f"models:/{self.settings.serving_model_name}/{version}")
+
+    def version_run_metrics(self, version) -> dict[str, float]:
+        """The metrics of the run that logged `version` (its candidate run: throughput, cost...); {} if none."""
+        if not version.run_id:
+            return {}
+        return dict(self.client.get_run(version.run_id).data.metrics)
+
+    @contextmanager
+    def operation_run(self, kind: str, run_name: str, tags: dict[str, str]) -> Iterator[str]:
+        """A run for a step after the decision (rollout, loadtest): tagged with its kind, FAILED with the reason on error.
+
+        It carries no decision key, so it never counts as a decision.
+        """
+        with self.parent_run(run_name, {**lineage_tags(f"flows.cli {kind}"), TAG_KIND: kind, **tags}) as run_id:
+            yield run_id
+
+    def set_version_tags(self, version: str, tags: dict[str, str]) -> None:
+        """Set tags on a serving-model version."""
+        for key, value in tags.items():
+            self.client.set_model_version_tag(self.settings.serving_model_name, str(version), key, str(value))
 
     def promote(self, model_uri: str, tags: dict[str, str], lock_dir: Path) -> str:
         """Register the winner and move the production alias to it (both steps at once); return the version."""
@@ -633,7 +813,7 @@ class Tracker:
         running = self.client.search_runs([found.experiment_id], filter_string="attributes.status = 'RUNNING'",
                                           max_results=1000)
         by_id = {r.info.run_id: r for r in running}
-        alias_version = self.production()
+        at_alias = {}  # alias -> version behind it, read once
         closed = []
         for run in running:
             identity = run.data.tags.get(TAG_PROCESS)
@@ -643,6 +823,10 @@ class Tracker:
             if identity is None or not process_is_gone(identity):
                 continue
             promoted = run.data.tags.get(TAG_PROMOTED_VERSION)
+            alias = run.data.tags.get(TAG_PROMOTED_ALIAS, self.settings.production_alias)
+            if promoted and alias not in at_alias:
+                at_alias[alias] = self.version_by_alias(alias)
+            alias_version = at_alias.get(alias)
             if promoted and alias_version is not None and str(alias_version.version) == promoted:
                 status, reason = "FINISHED", f"process {identity} died after the alias moved to version {promoted}; promotion complete"
                 self.client.set_tag(run.info.run_id, TAG_PROMOTION, "done")

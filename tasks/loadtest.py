@@ -1,0 +1,299 @@
+"""Load test of a served model version: serve it, ramp the request rate, find the sustained capacity.
+
+The version is served the way production would serve it, with `mlflow models serve` (its pyfunc:
+texts in, label and score out) on 127.0.0.1 and a free port; the load comes from Locust in a
+process of its own (tasks/loadtest_driver.py). Both processes are bounded in time and stopped by
+their PIDs. `capacity` is the highest request rate a step absorbed with p95 latency under the
+target and errors under the budget; `compare_with_cost_model` sets it against the throughput the
+flow priced the version on, and `reprice` prices the served figure with tasks/cost.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tasks.cost import CostEstimate, monthly_cost
+from tasks.errors import RequantError
+from tasks.settings import (
+    HardwareProfile,
+    LoadtestSettings,
+    QualityBar,
+    TrafficSettings,
+)
+
+HOST = "127.0.0.1"
+DEFAULT_SLO_MS = 100.0
+# Seconds the driver may run past its own time budget (Locust start-up and shut-down) before it is killed.
+DRIVER_GRACE_S = 60.0
+
+
+@dataclass(frozen=True)
+class LoadtestResult:
+    """What the ramp measured."""
+
+    slo_p95_ms: float
+    texts_per_request: int
+    capacity_rps: float  # 0 when no step held the target
+    p95_ms_at_capacity: float | None
+    error_rate: float  # failed / sent over the whole test
+    server_cpu_percent_at_capacity: float | None  # of one core, server process and its workers
+    requests: int  # issued over the whole test (at most loadtest.max_requests)
+    seconds: float
+    stop_reason: str
+    steps: list[dict] = field(default_factory=list)
+
+    @property
+    def limit_found(self) -> bool:
+        """A step missed the target: the capacity is the limit. Otherwise a budget ended the ramp first and
+        the capacity is only a lower bound (raise loadtest.max_steps, max_requests or max_seconds)."""
+        return any(s.get("failed_because") for s in self.steps)
+
+    @property
+    def capacity_sentences_per_s(self) -> float:
+        """Texts classified per second at capacity."""
+        return self.capacity_rps * self.texts_per_request
+
+    def metrics(self) -> dict[str, float]:
+        """The loadtest_* metrics logged on the version's run."""
+        values = {"loadtest_slo_p95_ms": self.slo_p95_ms, "loadtest_capacity_rps": self.capacity_rps,
+                  "loadtest_capacity_sentences_per_s": self.capacity_sentences_per_s,
+                  "loadtest_p95_ms_at_capacity": self.p95_ms_at_capacity, "loadtest_error_rate": self.error_rate,
+                  "loadtest_server_cpu_percent": self.server_cpu_percent_at_capacity,
+                  "loadtest_requests": self.requests, "loadtest_seconds": self.seconds,
+                  "loadtest_steps": len(self.steps), "loadtest_texts_per_request": self.texts_per_request,
+                  "loadtest_limit_found": float(self.limit_found)}
+        return {k: float(v) for k, v in values.items() if v is not None}
+
+    def as_dict(self) -> dict:
+        """Plain dict (loadtest.json)."""
+        return {**asdict(self), "capacity_sentences_per_s": self.capacity_sentences_per_s, "limit_found": self.limit_found}
+
+
+@dataclass(frozen=True)
+class CapacityComparison:
+    """The served capacity against the throughput the cost model assumed, and what each costs."""
+
+    served_sentences_per_s: float
+    assumed_sentences_per_s: float | None  # the candidate's priced throughput (throughput_low_per_s)
+    assumed_monthly_cost_usd: float | None
+    served_cost: CostEstimate | None  # None until repriced, or when nothing held the target
+
+    @property
+    def ratio(self) -> float | None:
+        """Served / assumed capacity (below 1: the flow's estimate is optimistic for serving)."""
+        if not self.assumed_sentences_per_s:
+            return None
+        return self.served_sentences_per_s / self.assumed_sentences_per_s
+
+    def metrics(self) -> dict[str, float]:
+        """The comparison as loadtest_* metrics."""
+        values = {"loadtest_assumed_sentences_per_s": self.assumed_sentences_per_s,
+                  "loadtest_capacity_ratio": self.ratio, "loadtest_assumed_monthly_cost_usd": self.assumed_monthly_cost_usd,
+                  "loadtest_monthly_cost_usd": self.served_cost.monthly_cost_usd if self.served_cost else None,
+                  "loadtest_instances": self.served_cost.instances if self.served_cost else None}
+        return {k: float(v) for k, v in values.items() if v is not None}
+
+
+def slo_ms(loadtest: LoadtestSettings, bar: QualityBar) -> float:
+    """The p95 target: loadtest.slo_p95_ms, else quality_bar.max_p95_latency_ms, else 100 ms."""
+    return loadtest.slo_p95_ms or bar.max_p95_latency_ms or DEFAULT_SLO_MS
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def served_model(model_uri: str, tracking_uri: str, workers: int, start_timeout_s: float) -> Iterator[tuple[str, int]]:
+    """Serve `model_uri` with `mlflow models serve` on 127.0.0.1 and a free port; yield (url, server pid).
+
+    The server runs in its own process group (it starts uvicorn workers), stopped on the way out by
+    its PID: SIGTERM to the group, SIGKILL after 10 s.
+
+    Raises:
+        RequantError: the server exited or did not answer /ping within `start_timeout_s` (its log's tail in the message).
+    """
+    port = free_port()
+    url = f"http://{HOST}:{port}"
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    command = [str(mlflow_cli) if mlflow_cli.exists() else "mlflow", "models", "serve", "-m", model_uri,
+               "--env-manager", "local", "-h", HOST, "-p", str(port), "-w", str(workers)]
+    # mlflow execs `uvicorn` by name: the venv's bin must be on PATH even when python was run by its full path.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": tracking_uri, "HF_HUB_OFFLINE": "1",
+           "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
+    # Output goes to a file: a pipe nobody reads fills up and blocks the server.
+    with tempfile.NamedTemporaryFile(prefix="requant-serve-", suffix=".log", delete=False) as log:
+        log_path = Path(log.name)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                   start_new_session=True)
+    try:
+        _wait_for_ping(url, process, log_path, start_timeout_s)
+        yield url, process.pid
+    finally:
+        _stop_group(process)
+        log_path.unlink(missing_ok=True)
+
+
+def _wait_for_ping(url: str, process: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RequantError(f"`mlflow models serve` exited with {process.returncode} before answering: "
+                               f"{_tail(log_path)}")
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        time.sleep(0.5)
+    raise RequantError(f"`mlflow models serve` did not answer {url}/ping within {timeout_s:.0f} s (raise "
+                       f"loadtest.server_start_timeout_s): {_tail(log_path)}")
+
+
+def _tail(log_path: Path) -> str:
+    lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    return " | ".join(lines[-3:])[-600:] or "no output"
+
+
+def _stop_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the process group led by `process` (its pid), SIGKILL it if still there after `grace_s`."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        except ProcessLookupError:
+            pass
+    try:  # workers left behind by a leader that exited on its own
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def check_answers(url: str, texts: list[str]) -> None:
+    """One request before the ramp: the server must answer texts with one prediction each.
+
+    Raises:
+        RequantError: it answers an error or a different number of predictions.
+    """
+    body = json.dumps({"inputs": texts[:2]}).encode()
+    request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            predictions = json.loads(answer.read())["predictions"]
+    except (urllib.error.URLError, KeyError, ValueError) as exc:
+        raise RequantError(f"the served model does not answer texts ({exc}): is it a requant serving model?") from exc
+    if len(predictions) != len(texts[:2]):
+        raise RequantError(f"the served model answered {len(predictions)} predictions for {len(texts[:2])} texts")
+
+
+def run_ramp(url: str, server_pid: int, texts: list[str], settings: LoadtestSettings, target_ms: float,
+             work_dir: Path) -> LoadtestResult:
+    """Drive the stepped ramp against `url` with Locust (a bounded child process); summarise it.
+
+    Raises:
+        RequantError: no texts, or the driver failed or overran its time budget (it is killed).
+    """
+    if not texts:
+        raise RequantError("no texts to send: the evaluation set is empty; pass --sample CSV")
+    spec = {"url": url, "server_pid": server_pid, "texts": texts, "texts_per_request": settings.texts_per_request,
+            "slo_ms": target_ms, "start_rps": settings.start_rps, "step_factor": settings.step_factor,
+            "step_seconds": settings.step_seconds, "max_steps": settings.max_steps,
+            "max_requests": settings.max_requests, "max_seconds": settings.max_seconds, "max_users": settings.max_users,
+            "max_error_rate": settings.max_error_rate}
+    work_dir.mkdir(parents=True, exist_ok=True)
+    spec_path, out_path, log_path = work_dir / "spec.json", work_dir / "steps.json", work_dir / "driver.log"
+    spec_path.write_text(json.dumps(spec))
+    out_path.unlink(missing_ok=True)
+    with open(log_path, "w") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "tasks.loadtest_driver", str(spec_path), str(out_path)],
+                                  stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                  cwd=Path(__file__).resolve().parents[1], start_new_session=True)
+    try:
+        code = driver.wait(timeout=settings.max_seconds + DRIVER_GRACE_S)
+    except subprocess.TimeoutExpired:
+        code = None
+    finally:
+        _stop_group(driver)
+    if code != 0 or not out_path.is_file():
+        why = "overran its time budget and was stopped" if code is None else f"exited with {code}"
+        raise RequantError(f"the Locust driver {why}: {_tail(log_path)}")
+    return summarise(json.loads(out_path.read_text()), target_ms, settings.texts_per_request)
+
+
+def summarise(ramp: dict, target_ms: float, texts_per_request: int) -> LoadtestResult:
+    """The capacity (best sustained step) and totals of a driver's ramp."""
+    steps = ramp["steps"]
+    held = [s for s in steps if not s.get("failed_because")]
+    best = max(held, key=lambda s: s["achieved_rps"]) if held else None
+    answered = sum(s["requests"] for s in steps)
+    failed = sum(s["failures"] for s in steps)
+    return LoadtestResult(
+        slo_p95_ms=target_ms, texts_per_request=texts_per_request,
+        capacity_rps=best["achieved_rps"] if best else 0.0, p95_ms_at_capacity=best["p95_ms"] if best else None,
+        error_rate=failed / answered if answered else 0.0,
+        server_cpu_percent_at_capacity=best["server_cpu_percent"] if best else None,
+        requests=ramp["requests"], seconds=ramp["seconds"], stop_reason=ramp["stop_reason"], steps=steps)
+
+
+def compare_with_cost_model(result: LoadtestResult, run_metrics: dict[str, float], version_tags: dict[str, str],
+                            profile: HardwareProfile | None, traffic: TrafficSettings | None) -> CapacityComparison:
+    """Served capacity vs the throughput the flow priced the version on (its run's throughput_low_per_s,
+    else throughput_per_s), with the served figure priced when `profile` and `traffic` are given."""
+    assumed = run_metrics.get("throughput_low_per_s") or run_metrics.get("throughput_per_s")
+    assumed_cost = run_metrics.get("monthly_cost_usd")
+    if assumed_cost is None and version_tags.get("requant.monthly_cost_usd"):
+        assumed_cost = float(version_tags["requant.monthly_cost_usd"])
+    served_cost = None
+    if profile is not None and traffic is not None and result.capacity_sentences_per_s > 0:
+        served_cost = monthly_cost(result.capacity_sentences_per_s, profile, traffic)
+    return CapacityComparison(served_sentences_per_s=result.capacity_sentences_per_s, assumed_sentences_per_s=assumed,
+                              assumed_monthly_cost_usd=assumed_cost, served_cost=served_cost)
+
+
+def render(result: LoadtestResult, comparison: CapacityComparison, version: str) -> str:
+    """The steps as a table, then capacity against the cost model's estimate."""
+    lines = [(f"load test of version {version}: p95 target {result.slo_p95_ms:.0f} ms, "
+              f"{result.texts_per_request} text(s) per request"),
+             (f"{'offered/s':>10} {'served/s':>9} {'users':>5} {'reqs':>6} {'err':>6} {'p50 ms':>7} {'p95 ms':>7} "
+              f"{'cpu %':>6}  verdict")]
+    for s in result.steps:
+        p50 = f"{s['p50_ms']:.0f}" if s["p50_ms"] is not None else "-"
+        p95 = f"{s['p95_ms']:.0f}" if s["p95_ms"] is not None else "-"
+        lines.append(f"{s['offered_rps']:>10.1f} {s['achieved_rps']:>9.1f} {s['users']:>5} {s['requests']:>6} "
+                     f"{s['error_rate']:>6.1%} {p50:>7} {p95:>7} {s['server_cpu_percent']:>6.0f}  "
+                     f"{s.get('failed_because') or 'held'}")
+    lines.append(f"stopped: {result.stop_reason} ({result.requests} requests in {result.seconds:.0f} s, "
+                 f"{result.error_rate:.1%} failed)")
+    bound = "" if result.limit_found else "at least "  # no step failed: a budget ended the ramp first
+    lines.append(f"served capacity: {bound}{result.capacity_rps:.1f} requests/s = {result.capacity_sentences_per_s:.1f} "
+                 f"sentences/s at p95 <= {result.slo_p95_ms:.0f} ms")
+    if comparison.assumed_sentences_per_s:
+        lines.append(f"cost model assumed: {comparison.assumed_sentences_per_s:.1f} sentences/s (batches in one process); "
+                     f"served / assumed = {comparison.ratio:.2f}")
+    if comparison.assumed_monthly_cost_usd is not None:
+        lines.append(f"$/month as decided: ${comparison.assumed_monthly_cost_usd:,.2f}")
+    if comparison.served_cost:
+        lines.append(f"$/month at the served capacity: ${comparison.served_cost.monthly_cost_usd:,.2f} "
+                     f"({comparison.served_cost.instances} x {comparison.served_cost.profile})")
+    return "\n".join(lines)
