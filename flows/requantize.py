@@ -36,8 +36,10 @@ from tasks.decision import (
     candidate_record,
     check_reference,
     confirm_winner,
+    log_screening,
     production_candidate,
     same_graph_as_production,
+    screening_record,
 )
 from tasks.locking import exclusive
 from tasks.mixed_search import MixedSearchResult, search_kept_fp32
@@ -46,10 +48,12 @@ from tasks.recipes.base import config_hash, parse_config, runtime_versions
 from tasks.reference import Reference, prepare_reference
 from tasks.report import (
     candidate_rows,
+    verdict_word,
     decision_markdown,
     render_decision,
     render_table,
 )
+from tasks.result_cache import ResultCache
 from tasks.search import Budget
 from tasks.search_space import expand_all
 from tasks.selection import Candidate, judge, select
@@ -215,16 +219,19 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
             production = tracker.fetch_production(work_dir / "production")
             if production is not None:
                 built.append(production_candidate(production))
+            # Per-row predictions are reused across runs and between the grid and the search.
+            scores = ResultCache.for_reference(work_dir / "results", reference, host, settings.evaluate.reuse_scores)
             measured = []
             for candidate in built:
-                log.info("evaluating %s on %d rows", candidate.name, len(reference.y_true))
-                measured.append(score(candidate, reference, settings.evaluate, settings.quality_bar))
+                log.info("evaluating %s on up to %d rows", candidate.name, len(reference.y_true))
+                measured.append(score(candidate, reference, settings.evaluate, settings.quality_bar, scores))
+            log_screening(measured)
 
         search_record = None
         if settings.search.enabled:
             with clock.phase("search"):
                 ranking = rank(reference, settings, source.digest, work_dir)
-                searched = _search_mixed(ranking, reference, measured, settings, source.digest, work_dir)
+                searched = _search_mixed(ranking, reference, measured, settings, source.digest, work_dir, scores)
                 search_record = searched.record
                 known = {id(m) for m in measured}
                 measured += [m for m in searched.measured if id(m) not in known]
@@ -266,7 +273,7 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
                    "decision_key": key, "serving_model": settings.registry.serving_model_name,
                    "hardware_profile": profile.name, "host": host, "search": search_record, "flow_pid": os.getpid(),
                    "confirmation": confirmation, "hard_slice_intents": reference.hard_classes,
-                   "cost_analysis": analysis.as_dict(),
+                   "cost_analysis": analysis.as_dict(), "screening": screening_record(measured, settings.evaluate),
                    "rows": {"selection": len(reference.y_true),
                             "confirmation": len(reference.confirmation.y_true) if reference.confirmation else 0},
                    "candidates": {m.built.name: candidate_record(m, reference) for m in measured}}
@@ -309,7 +316,7 @@ def publish_decision(measured: list[MeasuredCandidate], decision, summary_markdo
     """The decision as Prefect artifacts on this flow run: the candidate table and the summary."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    rows = [{"candidate": name, "verdict": "winner" if name == decision.winner else ("pass" if v.passed_bar else "fail"),
+    rows = [{"candidate": name, "verdict": verdict_word(m, decision),
              "usd_per_month": m.cost.monthly_cost_usd if m.cost else None,
              "accuracy": round(m.quality.accuracy, 4) if m.quality else None,
              "sent_per_s": round(m.speed.throughput_per_s) if m.speed else None, "reason": v.reason}
@@ -346,7 +353,7 @@ def rank(reference: Reference, settings: Settings, source_digest: str, work_dir:
 
 
 def _search_mixed(ranking: list[GroupSensitivity], reference: Reference, measured: list[MeasuredCandidate],
-                  settings: Settings, source_digest: str, work_dir: Path) -> MixedSearchResult:
+                  settings: Settings, source_digest: str, work_dir: Path, scores: ResultCache) -> MixedSearchResult:
     """Run the mixed-precision search on quality alone; a trial whose config was already scored
     (k = 0 is usually a grid candidate) is reused, not rebuilt. Trials are timed later with the rest."""
     quality = QualityReference(reference.quality.accuracy, reference.quality.hard_slice_accuracy)
@@ -359,11 +366,11 @@ def _search_mixed(ranking: list[GroupSensitivity], reference: Reference, measure
         if digest not in by_hash:
             log.info("search trial %s", spec.name)
             by_hash[digest] = score(build(spec, reference, source_digest, work_dir), reference, settings.evaluate,
-                                    settings.quality_bar)
+                                    settings.quality_bar, scores)
         return by_hash[digest]
 
     def passes(m: MeasuredCandidate) -> bool:
-        if m.error or m.quality is None:
+        if m.error or m.quality is None:  # screened out included: it clearly fails
             return False
         scored = Candidate(name=m.built.name, recipe=m.built.recipe, accuracy=m.quality.accuracy,
                            hard_slice_accuracy=m.quality.hard_slice_accuracy,

@@ -6,6 +6,8 @@ Pure computation over measured candidates (no Prefect, no MLflow calls); the flo
 
 from __future__ import annotations
 
+import logging
+
 from tasks import tracking
 from tasks.candidates import BuiltCandidate, MeasuredCandidate, confirm
 from tasks.data_prep import sha256_of
@@ -13,7 +15,9 @@ from tasks.errors import RequantError
 from tasks.reference import Reference
 from tasks.selection import Candidate, Decision, judge
 from tasks.selection import Reference as QualityReference
-from tasks.settings import Settings
+from tasks.settings import EvaluateSettings, Settings
+
+log = logging.getLogger("requant")
 
 
 def check_reference(reference: Reference) -> None:
@@ -89,3 +93,30 @@ def candidate_record(m: MeasuredCandidate, reference: Reference) -> dict:
                                                      if m.accuracy_gain_vs_production else None),
             "price_note": m.cost.boundary_note() if m.cost else "",
             **m.metrics(reference)}
+
+
+def screening_record(measured: list[MeasuredCandidate], evaluate: EvaluateSettings) -> dict:
+    """decision.json "screening": the test and its error rate, each screened-out candidate with its reason,
+    rows used and bound, and how many full evaluations the run made against the number of candidates."""
+    screened = {m.built.name: {"reason": m.screening.reason, "test": m.screening.test, "rows_used": m.screening.rows_used,
+                               "rows_total": m.screening.rows_total, "bound": m.screening.bound,
+                               "limit": m.screening.limit, "level": m.screening.level}
+                for m in measured if m.screened_out}
+    return {"enabled": evaluate.screening.enabled, "alpha": evaluate.screening.alpha,
+            "first_rows": evaluate.screening.first_rows,
+            "test": "Chernoff (KL) lower bound on the per-row loss vs FP32 over all selection rows, Bonferroni over "
+                    "looks and tests (tasks/screening.py)",
+            "candidates": len(measured), "full_evaluations": sum(1 for m in measured if m.quality is not None),
+            "rows_scored": sum(m.rows_scored for m in measured),
+            "scores_reused": sorted(m.built.name for m in measured if m.scores_reused),
+            "screened_out": screened}
+
+
+def log_screening(measured: list[MeasuredCandidate]) -> None:
+    """One log line per screened-out candidate, and what scoring cost in rows."""
+    for m in measured:
+        if m.screened_out:
+            log.info("%s: %s", m.built.name, m.screening.reason)
+    log.info("scored %d rows with ONNX Runtime for %d candidates (%d reused stored scores, %d screened out)",
+             sum(m.rows_scored for m in measured), len(measured), sum(m.scores_reused for m in measured),
+             sum(m.screened_out for m in measured))
