@@ -48,10 +48,10 @@ from tasks.recipes.base import config_hash, parse_config, runtime_versions
 from tasks.reference import Reference, prepare_reference
 from tasks.report import (
     candidate_rows,
-    verdict_word,
     decision_markdown,
     render_decision,
     render_table,
+    verdict_word,
 )
 from tasks.result_cache import ResultCache
 from tasks.search import Budget

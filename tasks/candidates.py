@@ -23,7 +23,12 @@ from tasks.benchmark import (
 )
 from tasks.cost import CostEstimate, monthly_cost
 from tasks.data_prep import sha256_of
-from tasks.evaluation import QualityMetrics, onnx_session, predict_onnx, prediction_quality
+from tasks.evaluation import (
+    QualityMetrics,
+    onnx_session,
+    predict_onnx,
+    prediction_quality,
+)
 from tasks.locking import exclusive
 from tasks.onnx_graph import prove_candidate
 from tasks.quality_gate import LossInterval, paired_accuracy_gain, paired_relative_loss

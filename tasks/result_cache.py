@@ -67,7 +67,7 @@ class ResultCache:
         self.enabled = enabled
 
     @classmethod
-    def for_reference(cls, folder: Path, reference, host: dict[str, str], enabled: bool = True) -> "ResultCache":
+    def for_reference(cls, folder: Path, reference, host: dict[str, str], enabled: bool = True) -> ResultCache:
         """The cache for the selection rows of this run's reference, on this host and runtimes."""
         from tasks.recipes.base import runtime_versions
 

@@ -5,7 +5,15 @@ import onnx
 import pandas as pd
 import pytest
 
-from tasks.screening import Bar, loss_lower_bound, lower_bound, sequential_screen, upper_bound, wave_rows, wave_sizes
+from tasks.screening import (
+    Bar,
+    loss_lower_bound,
+    lower_bound,
+    sequential_screen,
+    upper_bound,
+    wave_rows,
+    wave_sizes,
+)
 
 BAR = Bar(max_relative_accuracy_loss=0.015, max_hard_slice_relative_loss=0.05)
 
