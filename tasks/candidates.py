@@ -45,6 +45,7 @@ from tasks.settings import (
     QualityBar,
     TrafficSettings,
 )
+from tasks.speed_screen import SpeedScreenOutcome
 
 log = logging.getLogger("requant")
 
@@ -114,6 +115,9 @@ class MeasuredCandidate:
     finished_at_ms: int = 0  # when its last measurement ended (its MLflow run ends then)
     # Set when screening stopped scoring it early: it clearly fails the bar (never timed or confirmed).
     screening: ScreeningOutcome | None = None
+    # Set when the speed screen found it clearly slower than a rival (tasks/speed_screen.py): deferred
+    # candidates are neither scored nor timed unless brought back (`brought_back` on the outcome).
+    speed_screening: SpeedScreenOutcome | None = None
     rows_scored: int = 0  # selection rows run through ONNX Runtime in this run (0: every score was reused)
     scores_reused: bool = False  # some waves' predictions came from work_dir/results
 
@@ -121,6 +125,12 @@ class MeasuredCandidate:
     def screened_out(self) -> bool:
         """Whether screening stopped it: it clearly fails the bar on a sample of the rows."""
         return self.screening is not None and self.screening.screened_out
+
+    @property
+    def deferred(self) -> bool:
+        """Whether the speed screen deferred it and it was not brought back (so it was never scored or timed)."""
+        return (self.speed_screening is not None and self.speed_screening.deferred
+                and not self.speed_screening.brought_back)
 
     def metrics(self, reference: Reference) -> dict[str, float]:
         """The flat metric dict logged for every candidate under the same names."""
@@ -160,6 +170,9 @@ class MeasuredCandidate:
 
     def for_selection(self) -> Candidate:
         """The numbers the pure selection function needs."""
+        if self.deferred:
+            return Candidate(name=self.built.name, recipe=self.built.recipe, error=self.speed_screening.reason,
+                             is_production=self.built.is_production)
         if self.screened_out:
             return Candidate(name=self.built.name, recipe=self.built.recipe, error=self.screening.reason,
                              is_production=self.built.is_production)

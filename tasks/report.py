@@ -33,11 +33,14 @@ def candidate_rows(measured: list[MeasuredCandidate], decision: Decision) -> lis
 
 
 def verdict_word(m: MeasuredCandidate, decision: Decision) -> str:
-    """winner | pass | fail | screened out (clearly failing on a sample of the rows: never timed)."""
+    """winner | pass | fail | screened out (clearly failing on a sample of the rows: never timed) |
+    deferred (clearly slower than a passing rival in the speed screen: never scored or timed)."""
     if m.built.name == decision.winner:
         return "winner"
     if m.screened_out:
         return "screened out"
+    if m.deferred:
+        return "deferred"
     return "pass" if decision.verdicts[m.built.name].passed_bar else "fail"
 
 

@@ -152,6 +152,22 @@ class ScreeningSettings(_Section):
                                 "the last wave takes the rest.")
 
 
+class SpeedScreeningSettings(_Section):
+    """Time every candidate briefly before scoring; defer one clearly slower than a rival (tasks/speed_screen.py)."""
+
+    enabled: bool = Field(True, description="Screen candidates on short interleaved timing rounds before scoring; off "
+                                            "scores and times every candidate in full.")
+    rounds: int = Field(4, ge=3, description="Interleaved screening rounds (paired per round; a t bound on R-1 degrees "
+                                             "of freedom, so more rounds defer more surely).")
+    batches: int = Field(2, ge=1, description="Throughput batches (evaluate.throughput_batch_size texts) per candidate "
+                                              "per screening round.")
+    warmup_runs: int = Field(3, ge=0, description="Untimed batch-1 runs per candidate before the screening rounds.")
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="Per candidate, the most probability of deferring it when no "
+                                                         "rival is more than `margin` faster (Bonferroni over rivals).")
+    margin: float = Field(0.10, ge=0, description="A rival must be more than this much faster (0.10 = 10%) beyond noise; "
+                                                  "near-ties always get the full measurement.")
+
+
 class EvaluateSettings(_Section):
     """How quality and speed are measured."""
 
@@ -176,6 +192,7 @@ class EvaluateSettings(_Section):
         0.25, gt=0, lt=0.5, description="Capacity is priced on this low quantile of the per-round throughputs (robust to one "
                                         "disturbed round); the band reported is [q, 1-q].")
     screening: ScreeningSettings = ScreeningSettings()
+    speed_screening: SpeedScreeningSettings = SpeedScreeningSettings()
     reuse_scores: bool = Field(
         True, description="Reuse a candidate's per-row predictions scored earlier on the same graph, rows, host and "
                           "runtimes (work_dir/results); timing is always measured fresh.")
