@@ -40,6 +40,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -100,7 +101,12 @@ def log_ratio_lower_bound(rival_rates: list[float], candidate_rates: list[float]
     if len(d) < 2:
         return mean, -math.inf
     spread = float(d.std(ddof=1)) / math.sqrt(len(d))
-    return mean, mean - float(stats.t.ppf(1 - level, len(d) - 1)) * spread
+    return mean, mean - _t_quantile(1 - level, len(d) - 1) * spread
+
+
+@lru_cache(maxsize=64)
+def _t_quantile(q: float, df: int) -> float:
+    return float(stats.t.ppf(q, df))
 
 
 def defer_slower(rates: dict[str, list[float]], alpha: float, margin: float,
