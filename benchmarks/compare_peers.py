@@ -55,7 +55,10 @@ def main() -> int:
     from tasks.settings import load_settings
     from tasks.tracking import Tracker
 
+    from tasks.search_space import expand_all
+
     settings = load_settings(args.params)
+    grid_size = len(expand_all(settings.quantize.candidates))
     project = Path(args.params).resolve().parent
     source = Tracker(settings.registry).fetch_source(settings.model.source_uri, project / "models" / "source")
     tmp = Path(tempfile.mkdtemp(prefix="requant-peers-"))
@@ -136,6 +139,16 @@ def main() -> int:
               f"accuracy loss {(reference.quality.accuracy - quality[ours][0].accuracy) * 100:.2f} vs "
               f"{(reference.quality.accuracy - quality[peer][0].accuracy) * 100:.2f} pts")
     print("search wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in search_seconds.items()))
+    screening = summary.decision.get("screening") or {}
+    print(f"requant full evaluations: {screening.get('full_evaluations', '?')} of {screening.get('candidates', '?')} "
+          f"candidates (grid {grid_size} + search trials + production); screened out: "
+          f"{', '.join(screening.get('screened_out', {})) or 'none'}; rows scored {screening.get('rows_scored', '?')}")
+    print(f"requant decision: {summary.winner} ({summary.outcome}); phases: "
+          + ", ".join(f"{k} {v:.0f} s" for k, v in summary.phases.items()))
+    if "olive" in search_seconds:
+        ratio = search_seconds["requant"] / search_seconds["olive"]
+        print(f"requant whole run {search_seconds['requant']:.0f} s vs Olive search {search_seconds['olive']:.0f} s: "
+              f"{ratio:.2f}x (target <= 0.50x: {'met' if ratio <= 0.5 else 'not met'})")
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

@@ -60,6 +60,10 @@ def main() -> int:
     overhead = outside + mlflow_seconds
     print(f"Prefect + MLflow overhead: {overhead:.1f} s = {overhead / total:.1%} of the run "
           f"(target < 10%); whole run target < 300 s: {'met' if total < 300 else 'NOT met'}")
+    screening = summary.decision.get("screening") or {}
+    print(f"full evaluations: {screening.get('full_evaluations', '?')} of {screening.get('candidates', '?')} candidates; "
+          f"screened out: {', '.join(screening.get('screened_out', {})) or 'none'}; "
+          f"rows scored by ONNX Runtime: {screening.get('rows_scored', '?')}")
     print()
     print(summary.table)
     print(f"\noutcome: {summary.outcome}; winner: {summary.winner}")

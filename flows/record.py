@@ -19,7 +19,7 @@ from tasks.cost_analysis import CostAnalysis
 from tasks.data_prep import LABEL, TEXT
 from tasks.pareto import Point, failure_word, frontier_table, plot_frontier
 from tasks.reference import Reference
-from tasks.report import candidate_markdown, short_names
+from tasks.report import candidate_markdown, short_names, verdict_word
 from tasks.selection import Decision
 from tasks.sensitivity import GroupSensitivity, plot_ranking
 from tasks.settings import Settings
@@ -68,7 +68,7 @@ def log_candidates(tracker: Tracker, parent_id: str, measured: list[MeasuredCand
     for m in measured:
         b = m.built
         verdict = decision.verdicts.get(b.name)
-        status = "winner" if b.name == decision.winner else ("pass" if verdict and verdict.passed_bar else "fail")
+        status = verdict_word(m, decision)
         run_id = tracker.candidate_run(parent_id, names[b.name], {
             tracking.TAG_RECIPE: b.recipe, tracking.TAG_CANDIDATE: b.name, tracking.TAG_CONFIG_HASH: b.config_hash,
             tracking.TAG_DATA_VERSION: data.version, "requant.precision": b.precision, "requant.parent_key": key,

@@ -13,6 +13,7 @@ import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 from prefect import flow, task
@@ -36,8 +37,11 @@ from tasks.decision import (
     candidate_record,
     check_reference,
     confirm_winner,
+    log_screening,
+    passes_quality,
     production_candidate,
     same_graph_as_production,
+    screening_record,
 )
 from tasks.locking import exclusive
 from tasks.mixed_search import MixedSearchResult, search_kept_fp32
@@ -49,13 +53,16 @@ from tasks.report import (
     decision_markdown,
     render_decision,
     render_table,
+    verdict_word,
 )
+from tasks.result_cache import ResultCache
 from tasks.search import Budget
 from tasks.search_space import expand_all
-from tasks.selection import Candidate, judge, select
 from tasks.selection import Reference as QualityReference
+from tasks.selection import select
 from tasks.sensitivity import GroupSensitivity, cached_ranking, rank_groups, spread_rows
 from tasks.settings import CandidateSpec, Settings, load_settings
+from tasks.speed_screen import bring_back_deferred, screen_speed
 from tasks.tracking import Tracker
 
 log = logging.getLogger("requant")
@@ -216,20 +223,29 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
             production = tracker.fetch_production(work_dir / "production")
             if production is not None:
                 built.append(production_candidate(production))
+            # Per-row predictions are reused across runs and between the grid and the search.
+            scores = ResultCache.for_reference(work_dir / "results", reference, host, settings.evaluate.reuse_scores)
+            # Short interleaved timing first: a candidate clearly slower than a rival is deferred, not scored.
+            speed = screen_speed(built, reference, settings.evaluate, settings.quality_bar)
             measured = []
             for candidate in built:
-                log.info("evaluating %s on %d rows", candidate.name, len(reference.y_true))
-                measured.append(score(candidate, reference, settings.evaluate, settings.quality_bar))
+                if candidate.name in speed.deferred:
+                    measured.append(MeasuredCandidate(candidate, speed_screening=speed.deferred[candidate.name]))
+                    continue
+                log.info("evaluating %s on up to %d rows", candidate.name, len(reference.y_true))
+                measured.append(score(candidate, reference, settings.evaluate, settings.quality_bar, scores))
 
         search_record = None
         if settings.search.enabled:
             with clock.phase("search"):
-                ranking = rank(reference, settings, source.digest, work_dir)
-                searched = _search_mixed(ranking, reference, measured, settings, source.digest, work_dir)
+                # The sensitivity sweep runs only if the base config (k = 0) fails the bar.
+                searched = _search_mixed(lambda: rank(reference, settings, source.digest, work_dir), reference,
+                                         measured, settings, source.digest, work_dir, scores)
                 search_record = searched.record
                 known = {id(m) for m in measured}
                 measured += [m for m in searched.measured if id(m) not in known]
-                record.log_sensitivity(tracker, parent_id, ranking, work_dir)
+                if searched.ranking is not None:
+                    record.log_sensitivity(tracker, parent_id, searched.ranking, work_dir)
 
         with clock.phase("qat"):
             # Quantization-aware fine-tuning, only when post-training quantization missed the bar:
@@ -240,6 +256,10 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
             measured += escalation.measured
 
         with clock.phase("evaluate"):
+            # A deferred candidate whose every faster rival fails the bar gets its full measurement after all.
+            bring_back_deferred(measured, lambda b: score(b, reference, settings.evaluate, settings.quality_bar, scores),
+                                lambda m: passes_quality(m, reference, settings.quality_bar))
+            log_screening(measured)
             compare_with_production(measured, reference, settings.quality_bar)
             # Every candidate (production included) is timed in the same interleaved rounds.
             time_all(measured, reference, settings.evaluate, profile, settings.cost.traffic,
@@ -284,6 +304,7 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
                    "hardware_profile": profile.name, "host": host, "search": search_record, "flow_pid": os.getpid(),
                    "confirmation": confirmation, "hard_slice_intents": reference.hard_classes,
                    "cost_analysis": analysis.as_dict(), "qat": escalation.record(decision),
+                   "screening": screening_record(measured, settings.evaluate, speed),
                    "rows": {"selection": len(reference.y_true),
                             "confirmation": len(reference.confirmation.y_true) if reference.confirmation else 0},
                    "candidates": {m.built.name: candidate_record(m, reference) for m in measured}}
@@ -327,7 +348,7 @@ def publish_decision(measured: list[MeasuredCandidate], decision, summary_markdo
     """The decision as Prefect artifacts on this flow run: the candidate table and the summary."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    rows = [{"candidate": name, "verdict": "winner" if name == decision.winner else ("pass" if v.passed_bar else "fail"),
+    rows = [{"candidate": name, "verdict": verdict_word(m, decision),
              "usd_per_month": m.cost.monthly_cost_usd if m.cost else None,
              "accuracy": round(m.quality.accuracy, 4) if m.quality else None,
              "sent_per_s": round(m.speed.throughput_per_s) if m.speed else None, "reason": v.reason}
@@ -363,13 +384,13 @@ def rank(reference: Reference, settings: Settings, source_digest: str, work_dir:
         progress=lambda i, n: log.info("sensitivity %d/%d", i, n) if i % 5 == 0 or i == n else None))
 
 
-def _search_mixed(ranking: list[GroupSensitivity], reference: Reference, measured: list[MeasuredCandidate],
-                  settings: Settings, source_digest: str, work_dir: Path) -> MixedSearchResult:
+def _search_mixed(rank_groups_lazily: Callable[[], list[GroupSensitivity]], reference: Reference,
+                  measured: list[MeasuredCandidate], settings: Settings, source_digest: str, work_dir: Path,
+                  scores: ResultCache) -> MixedSearchResult:
     """Run the mixed-precision search on quality alone; a trial whose config was already scored
-    (k = 0 is usually a grid candidate) is reused, not rebuilt. Trials are timed later with the rest."""
-    quality = QualityReference(reference.quality.accuracy, reference.quality.hard_slice_accuracy)
-    by_hash = {m.built.config_hash: m for m in measured}
-    quality_bar = settings.quality_bar.model_copy(update={"max_p95_latency_ms": None})  # latency is judged after timing
+    (k = 0 is usually a grid candidate) is reused, not rebuilt. Trials are timed later with the rest.
+    A deferred grid candidate is not reused (it has no scores); its scores are, through `scores`."""
+    by_hash = {m.built.config_hash: m for m in measured if not m.deferred}
 
     def measure_spec(spec: CandidateSpec) -> MeasuredCandidate:
         digest = config_hash(spec.recipe, parse_config(spec.recipe, spec.config, spec.name), source_digest,
@@ -377,20 +398,12 @@ def _search_mixed(ranking: list[GroupSensitivity], reference: Reference, measure
         if digest not in by_hash:
             log.info("search trial %s", spec.name)
             by_hash[digest] = score(build(spec, reference, source_digest, work_dir), reference, settings.evaluate,
-                                    settings.quality_bar)
+                                    settings.quality_bar, scores)
         return by_hash[digest]
 
-    def passes(m: MeasuredCandidate) -> bool:
-        if m.error or m.quality is None:
-            return False
-        scored = Candidate(name=m.built.name, recipe=m.built.recipe, accuracy=m.quality.accuracy,
-                           hard_slice_accuracy=m.quality.hard_slice_accuracy,
-                           accuracy_loss_high=m.accuracy_loss.high if m.accuracy_loss else None,
-                           hard_slice_loss_high=m.hard_slice_loss.high if m.hard_slice_loss else None)
-        return judge(scored, quality, quality_bar).passed_bar
-
     result = search_kept_fp32(
-        ranking, settings.search.base_config, measure_spec, passes=passes,
+        rank_groups_lazily, settings.search.base_config, measure_spec,
+        passes=lambda m: passes_quality(m, reference, settings.quality_bar),
         budget=Budget(max_trials=settings.search.max_trials, max_seconds=settings.search.max_minutes * 60))
     log.info("search: %s; best k=%s", result.record["stop_reason"], result.record["best_k"])
     return result

@@ -23,12 +23,20 @@ from tasks.benchmark import (
 )
 from tasks.cost import CostEstimate, monthly_cost
 from tasks.data_prep import sha256_of
-from tasks.evaluation import QualityMetrics, onnx_session, predict_onnx, quality_metrics
+from tasks.evaluation import (
+    QualityMetrics,
+    onnx_session,
+    predict_onnx,
+    prediction_quality,
+)
 from tasks.locking import exclusive
 from tasks.onnx_graph import prove_candidate
 from tasks.quality_gate import LossInterval, paired_accuracy_gain, paired_relative_loss
 from tasks.recipes.base import config_hash, parse_config, recipe_class
 from tasks.reference import EvaluationRows, Reference
+from tasks.result_cache import ResultCache
+from tasks.screening import Bar as ScreenBar
+from tasks.screening import ScreeningOutcome, sequential_screen
 from tasks.selection import Candidate
 from tasks.settings import (
     CandidateSpec,
@@ -37,6 +45,7 @@ from tasks.settings import (
     QualityBar,
     TrafficSettings,
 )
+from tasks.speed_screen import SpeedScreenOutcome
 
 log = logging.getLogger("requant")
 
@@ -104,6 +113,24 @@ class MeasuredCandidate:
     score_seconds: float = 0.0
     timing_seconds: float = 0.0  # its share of the interleaved timing rounds, memory probe included
     finished_at_ms: int = 0  # when its last measurement ended (its MLflow run ends then)
+    # Set when screening stopped scoring it early: it clearly fails the bar (never timed or confirmed).
+    screening: ScreeningOutcome | None = None
+    # Set when the speed screen found it clearly slower than a rival (tasks/speed_screen.py): deferred
+    # candidates are neither scored nor timed unless brought back (`brought_back` on the outcome).
+    speed_screening: SpeedScreenOutcome | None = None
+    rows_scored: int = 0  # selection rows run through ONNX Runtime in this run (0: every score was reused)
+    scores_reused: bool = False  # some waves' predictions came from work_dir/results
+
+    @property
+    def screened_out(self) -> bool:
+        """Whether screening stopped it: it clearly fails the bar on a sample of the rows."""
+        return self.screening is not None and self.screening.screened_out
+
+    @property
+    def deferred(self) -> bool:
+        """Whether the speed screen deferred it and it was not brought back (so it was never scored or timed)."""
+        return (self.speed_screening is not None and self.speed_screening.deferred
+                and not self.speed_screening.brought_back)
 
     def metrics(self, reference: Reference) -> dict[str, float]:
         """The flat metric dict logged for every candidate under the same names."""
@@ -137,11 +164,18 @@ class MeasuredCandidate:
         out["size_ratio_vs_fp32"] = self.built.size_ratio
         out["build_seconds"] = self.built.build_seconds
         out["score_seconds"] = self.score_seconds
+        out["rows_scored"] = self.rows_scored
         out["timing_seconds"] = self.timing_seconds
         return out
 
     def for_selection(self) -> Candidate:
         """The numbers the pure selection function needs."""
+        if self.deferred:
+            return Candidate(name=self.built.name, recipe=self.built.recipe, error=self.speed_screening.reason,
+                             is_production=self.built.is_production)
+        if self.screened_out:
+            return Candidate(name=self.built.name, recipe=self.built.recipe, error=self.screening.reason,
+                             is_production=self.built.is_production)
         if self.error or not (self.quality and self.speed and self.cost):
             return Candidate(name=self.built.name, recipe=self.built.recipe, error=self.error or "not measured",
                              is_production=self.built.is_production)
@@ -256,19 +290,30 @@ def score_on_rows(model_path: Path, rows: EvaluationRows, bar: QualityBar, threa
     if bad:
         raise ValueError(f"logits are NaN/inf on {bad} of {len(rows.y_true)} evaluation rows")
     predictions = logits.argmax(axis=1)
-    result = QualityOnRows(quality_metrics(logits, rows.y_true, rows.predictions, rows.hard_idx))
+    return quality_on_rows(predictions, rows, bar), predictions
+
+
+def quality_on_rows(predictions: np.ndarray, rows: EvaluationRows, bar: QualityBar) -> QualityOnRows:
+    """Quality of predicted classes on one set of rows, with the paired loss intervals the gate judges."""
+    result = QualityOnRows(prediction_quality(predictions, rows.y_true, rows.predictions, rows.hard_idx))
     if bar.gate == "interval":
         reference_correct, correct = rows.predictions == rows.y_true, predictions == rows.y_true
         result.accuracy_loss = paired_relative_loss(reference_correct, correct, bar.confidence, bar.bootstrap_samples)
         if len(rows.hard_idx):
             result.hard_slice_loss = paired_relative_loss(reference_correct[rows.hard_idx], correct[rows.hard_idx],
                                                           bar.confidence, bar.bootstrap_samples)
-    return result, predictions
+    return result
 
 
 def score_candidate(built: BuiltCandidate, reference: Reference, evaluate: EvaluateSettings,
-                    bar: QualityBar) -> MeasuredCandidate:
-    """Score quality on the selection rows; failures become the candidate's error, never the run's."""
+                    bar: QualityBar, scores: ResultCache | None = None) -> MeasuredCandidate:
+    """Score quality on the selection rows, wave by wave, screening out a clear failure early.
+
+    Waves already scored for this graph (same rows, host and runtimes) come from `scores` instead of
+    ONNX Runtime. Screening (evaluate.screening, tasks/screening.py) stops after a wave once the
+    candidate clearly fails the bar; the production model is always scored in full. Failures become
+    the candidate's error, never the run's.
+    """
     measured = MeasuredCandidate(built)
     if not built.started_at_ms:
         built.started_at_ms = _now_ms()
@@ -279,8 +324,39 @@ def score_candidate(built: BuiltCandidate, reference: Reference, evaluate: Evalu
     start = time.perf_counter()
     selection = EvaluationRows(reference.eval_batches, reference.y_true, reference.logits, reference.hard_idx,
                                reference.quality, np.arange(len(reference.y_true)))
+    waves = reference.waves or [np.arange(len(reference.y_true))]
+    ends = reference.wave_batch_ends or [len(reference.eval_batches)]
+    key = scores.key(built.model_sha256) if scores is not None and built.model_sha256 else None
+    done = scores.load(key, [len(w) for w in waves]) if key else {}
+    new: dict[int, np.ndarray] = {}
+    session = None
+
+    def predict_wave(i: int) -> np.ndarray:
+        nonlocal session
+        if i in done:
+            return done[i]
+        session = session or onnx_session(built.model_path, evaluate.intra_op_threads)
+        logits = predict_onnx(session, reference.eval_batches[ends[i - 1] if i else 0:ends[i]], len(reference.y_true))[waves[i]]
+        bad = int((~np.isfinite(logits)).any(axis=1).sum())
+        if bad:
+            raise ValueError(f"logits are NaN/inf on {bad} of {len(waves[i])} evaluation rows")
+        measured.rows_scored += len(waves[i])
+        new[i] = logits.argmax(axis=1)
+        return new[i]
+
+    screening = evaluate.screening
     try:
-        scored, predictions = score_on_rows(built.model_path, selection, bar, evaluate.intra_op_threads)
+        outcome, predictions = sequential_screen(
+            predict_wave, waves, reference.predictions == reference.y_true, reference.y_true, reference.hard_idx,
+            ScreenBar(bar.max_relative_accuracy_loss, bar.max_hard_slice_relative_loss, bar.min_accuracy),
+            screening.alpha, enabled=screening.enabled and not built.is_production)
+        if new and key:
+            scores.store(key, {**done, **new}, built.model_sha256)
+        measured.scores_reused = bool(done)
+        if outcome.screened_out:
+            measured.screening = outcome
+            return measured
+        scored = quality_on_rows(predictions, selection, bar)
     except Exception as exc:  # onnxruntime's own exception types do not derive from RuntimeError
         measured.error = _one_line(exc)
         return measured

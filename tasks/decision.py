@@ -6,6 +6,8 @@ Pure computation over measured candidates (no Prefect, no MLflow calls); the flo
 
 from __future__ import annotations
 
+import logging
+
 from tasks import tracking
 from tasks.candidates import BuiltCandidate, MeasuredCandidate, confirm
 from tasks.data_prep import sha256_of
@@ -13,7 +15,11 @@ from tasks.errors import RequantError
 from tasks.reference import Reference
 from tasks.selection import Candidate, Decision, judge
 from tasks.selection import Reference as QualityReference
-from tasks.settings import Settings
+from tasks.settings import EvaluateSettings, QualityBar, Settings
+from tasks.speed_screen import TEST as SPEED_TEST
+from tasks.speed_screen import SpeedScreen
+
+log = logging.getLogger("requant")
 
 
 def check_reference(reference: Reference) -> None:
@@ -91,3 +97,64 @@ def candidate_record(m: MeasuredCandidate, reference: Reference) -> dict:
             # Per-round rates in round order: the paired speed comparison can be re-checked from the record.
             "throughput_rounds_per_s": list(m.speed.throughput_rounds) if m.speed else [],
             **m.metrics(reference)}
+
+
+def passes_quality(m: MeasuredCandidate, reference: Reference, bar: QualityBar) -> bool:
+    """Whether a scored candidate meets the quality bar (latency is judged after timing, so not here).
+
+    A candidate that failed, was screened out or deferred, or was not scored, does not pass.
+    """
+    if m.error or m.quality is None:
+        return False
+    quality = QualityReference(reference.quality.accuracy, reference.quality.hard_slice_accuracy)
+    scored = Candidate(name=m.built.name, recipe=m.built.recipe, accuracy=m.quality.accuracy,
+                       hard_slice_accuracy=m.quality.hard_slice_accuracy,
+                       accuracy_loss_high=m.accuracy_loss.high if m.accuracy_loss else None,
+                       hard_slice_loss_high=m.hard_slice_loss.high if m.hard_slice_loss else None)
+    return judge(scored, quality, bar.model_copy(update={"max_p95_latency_ms": None})).passed_bar
+
+
+def speed_screening_record(screen: SpeedScreen | None, measured: list[MeasuredCandidate],
+                           evaluate: EvaluateSettings) -> dict:
+    """decision.json "screening.speed": the test, its knobs, the per-round rates, each deferred candidate
+    (against whom, the ratio bound) and whether it was brought back."""
+    knobs = evaluate.speed_screening
+    return {"enabled": bool(screen and screen.enabled), "skipped_because": screen.skipped_because if screen else "",
+            "test": SPEED_TEST, "alpha": knobs.alpha, "margin": knobs.margin, "rounds": knobs.rounds,
+            "batches_per_round": knobs.batches, "seconds": round(screen.seconds, 2) if screen else 0.0,
+            "rates_per_round": screen.rates if screen else {},
+            "deferred": {m.built.name: m.speed_screening.as_dict() for m in measured if m.speed_screening},
+            "brought_back": [m.built.name for m in measured if m.speed_screening and m.speed_screening.brought_back]}
+
+
+def screening_record(measured: list[MeasuredCandidate], evaluate: EvaluateSettings,
+                     speed: SpeedScreen | None = None) -> dict:
+    """decision.json "screening": the test and its error rate, each screened-out candidate with its reason,
+    rows used and bound, the speed screen's deferrals, and how many full evaluations the run made
+    against the number of candidates."""
+    screened = {m.built.name: {"reason": m.screening.reason, "test": m.screening.test, "rows_used": m.screening.rows_used,
+                               "rows_total": m.screening.rows_total, "bound": m.screening.bound,
+                               "limit": m.screening.limit, "level": m.screening.level}
+                for m in measured if m.screened_out}
+    return {"enabled": evaluate.screening.enabled, "alpha": evaluate.screening.alpha,
+            "first_rows": evaluate.screening.first_rows,
+            "test": "Chernoff (KL) lower bound on the per-row loss vs FP32 over all selection rows, Bonferroni over "
+                    "looks and tests (tasks/screening.py)",
+            "candidates": len(measured), "full_evaluations": sum(1 for m in measured if m.quality is not None),
+            "timed_in_full": sum(1 for m in measured if m.speed is not None),
+            "rows_scored": sum(m.rows_scored for m in measured),
+            "scores_reused": sorted(m.built.name for m in measured if m.scores_reused),
+            "screened_out": screened,
+            "speed_screened_out": sorted(m.built.name for m in measured if m.deferred),
+            "speed": speed_screening_record(speed, measured, evaluate)}
+
+
+def log_screening(measured: list[MeasuredCandidate]) -> None:
+    """One log line per screened-out candidate, and what scoring cost in rows."""
+    for m in measured:
+        if m.screened_out:
+            log.info("%s: %s", m.built.name, m.screening.reason)
+    log.info("scored %d rows with ONNX Runtime for %d candidates (%d reused stored scores, %d screened out, "
+             "%d deferred by the speed screen)", sum(m.rows_scored for m in measured), len(measured),
+             sum(m.scores_reused for m in measured), sum(m.screened_out for m in measured),
+             sum(m.deferred for m in measured))

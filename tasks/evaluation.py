@@ -138,7 +138,12 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 def quality_metrics(logits: np.ndarray, y_true: np.ndarray, reference_pred: np.ndarray, hard_idx: np.ndarray) -> QualityMetrics:
     """Score one candidate's logits."""
-    y_pred = logits.argmax(axis=1)
+    return prediction_quality(logits.argmax(axis=1), y_true, reference_pred, hard_idx)
+
+
+def prediction_quality(y_pred: np.ndarray, y_true: np.ndarray, reference_pred: np.ndarray,
+                       hard_idx: np.ndarray) -> QualityMetrics:
+    """Score one candidate's predicted classes (the numbers kept when a score is reused)."""
     return QualityMetrics(
         accuracy=float((y_pred == y_true).mean()),
         macro_f1=macro_f1(y_true, y_pred),

@@ -16,10 +16,12 @@ STRATEGY = ("smallest k most-sensitive groups kept in FP32 (probe k = 0, 1, 2, 4
 
 @dataclass
 class MixedSearchResult:
-    """The record for decision.json, and every candidate the search measured, in order."""
+    """The record for decision.json, every candidate the search measured, in order, and the sensitivity
+    ranking (None when the search stopped at k = 0 without computing it)."""
 
     record: dict
     measured: list[MeasuredCandidate] = field(default_factory=list)
+    ranking: list[GroupSensitivity] | None = None
 
 
 def trial_spec(ranking: list[GroupSensitivity], k: int, base_config: dict) -> CandidateSpec:
@@ -28,7 +30,11 @@ def trial_spec(ranking: list[GroupSensitivity], k: int, base_config: dict) -> Ca
     return CandidateSpec(name=f"search-keep-fp32-k{k}", recipe="int8-dynamic", config=config)
 
 
-def search_kept_fp32(ranking: list[GroupSensitivity], base_config: dict,
+BASE_PASSES = ("k = 0 (the base config, no group kept in FP32) passes the bar; every k > 0 keeps groups in FP32 "
+               "and is slower, so it cannot win: sensitivity not computed")
+
+
+def search_kept_fp32(rank: Callable[[], list[GroupSensitivity]], base_config: dict,
                      measure_spec: Callable[[CandidateSpec], MeasuredCandidate],
                      passes: Callable[[MeasuredCandidate], bool], budget: Budget) -> MixedSearchResult:
     """Run the bounded search over k; `measure_spec` builds and scores one candidate (or reuses one).
@@ -36,12 +42,25 @@ def search_kept_fp32(ranking: list[GroupSensitivity], base_config: dict,
     Trials are judged on quality alone (`passes`); every trial is timed later, side by side with
     the other candidates, and the final choice among them is selection's. The search's cost of a
     trial is k, which orders trials as their price does (more FP32 groups, bigger and slower).
+
+    The base config (k = 0) needs no ranking and is tried first. When it passes, the search stops
+    there and `rank` (the sensitivity sweep, the slow part) is never called: a trial with k > 0 is
+    the same graph with groups left in FP32, slower and bigger, so it could not be chosen over
+    k = 0. Only when k = 0 fails is the ranking computed and the search run.
     """
-    trials: dict[int, MeasuredCandidate] = {}
+    base = measure_spec(trial_spec([], 0, base_config))
+    if passes(base):
+        record = {"strategy": STRATEGY, "stop_reason": BASE_PASSES, "best_k": 0, "best_candidate": base.built.name,
+                  "kept_fp32": [], "untried_below_best": [], "sensitivity_computed": False,
+                  "trials": [{"k": 0, "candidate": base.built.name, "passed": True,
+                              "accuracy": base.quality.accuracy if base.quality else float("nan"), "error": base.error}]}
+        return MixedSearchResult(record, [base], ranking=None)
+    ranking = rank()
+    trials: dict[int, MeasuredCandidate] = {0: base}
     strategy = SmallestPassingK(len(ranking))
 
     def evaluate(k: int) -> Trial[int]:
-        measured = measure_spec(trial_spec(ranking, k, base_config))
+        measured = trials[k] if k in trials else measure_spec(trial_spec(ranking, k, base_config))
         trials[k] = measured
         passed = passes(measured)
         return Trial(k, passed, float(k), measured.quality.accuracy if measured.quality else float("nan"))
@@ -56,7 +75,8 @@ def search_kept_fp32(ranking: list[GroupSensitivity], base_config: dict,
         "kept_fp32": [g.group for g in ranking[:best]] if best is not None else None,
         # k below the answer that the budget left untried: empty means the answer is the true smallest.
         "untried_below_best": strategy.untried_below_best(result.trials),
+        "sensitivity_computed": True,
         "trials": [{"k": t.proposal, "candidate": trials[t.proposal].built.name, "passed": t.passed,
                     "accuracy": t.accuracy, "error": trials[t.proposal].error} for t in result.trials],
     }
-    return MixedSearchResult(record, [trials[t.proposal] for t in result.trials])
+    return MixedSearchResult(record, [trials[t.proposal] for t in result.trials], ranking)

@@ -24,6 +24,7 @@ from tasks.evaluation import (
 from tasks.model_io import ModelCard, tokenize
 from tasks.models.base import open_model
 from tasks.recipes.base import QuantizeInputs
+from tasks.screening import wave_rows
 from tasks.serving import ServingAssets
 from tasks.settings import EvaluateSettings, ModelSettings
 
@@ -40,6 +41,7 @@ class EvaluationRows:
     hard_idx: np.ndarray
     quality: QualityMetrics
     rows: np.ndarray  # positions in the evaluation set
+    wave_batch_ends: list[int] | None = None  # where each screening wave's batches end (selection rows only)
 
     @property
     def predictions(self) -> np.ndarray:
@@ -68,6 +70,10 @@ class Reference:
     latency_feeds: list[dict[str, np.ndarray]]
     throughput_feeds: list[dict[str, np.ndarray]]
     confirmation: EvaluationRows | None = None
+    # The selection rows in screening waves (positions into y_true): eval_batches holds the batches of
+    # wave 0, then wave 1, ...; wave_batch_ends[i] is where wave i's batches end.
+    waves: list[np.ndarray] | None = None
+    wave_batch_ends: list[int] | None = None
     hard_classes: list[str] | None = None  # intents in the hard slice (chosen on the calibration split)
     # Tokenizer and labels that turn a candidate graph into the served text-in model.
     serving: ServingAssets | None = None
@@ -100,7 +106,10 @@ def prepare_reference(source_folder: Path, evaluation: pd.DataFrame, calibration
     hard_classes = least_confident_classes(calibration_logits, label_indices(calibration[LABEL].tolist(), card.labels),
                                            evaluate.worst_intents)
     selection_rows, confirmation_rows = stratified_holdout(labels, evaluate.confirmation_fraction, seed=0)
-    scored = _score_rows(classifier, tokenizer, card, texts, labels, selection_rows, hard_classes, evaluate)
+    # Selection rows are batched wave by wave (length-sorted within a wave), with or without
+    # screening: a candidate scored in full sees the very same batches either way.
+    waves = wave_rows(len(selection_rows), evaluate.screening.first_rows)
+    scored = _score_rows(classifier, tokenizer, card, texts, labels, selection_rows, hard_classes, evaluate, waves)
     confirmation = (_score_rows(classifier, tokenizer, card, texts, labels, confirmation_rows, hard_classes, evaluate)
                     if len(confirmation_rows) else None)
     batches, y_true, logits, hard_idx = scored.batches, scored.y_true, scored.logits, scored.hard_idx
@@ -130,16 +139,26 @@ def prepare_reference(source_folder: Path, evaluation: pd.DataFrame, calibration
         latency_feeds=[tokenize(tokenizer, [t], card.max_length) for t in latency_texts],
         throughput_feeds=throughput_feeds,
         confirmation=confirmation,
+        waves=waves,
+        wave_batch_ends=scored.wave_batch_ends,
         hard_classes=[card.labels[i] for i in hard_classes],
         serving=serving,
     )
 
 
 def _score_rows(classifier, tokenizer, card: ModelCard, texts: list[str], labels: list[str], rows: np.ndarray,
-                hard_classes: np.ndarray, evaluate: EvaluateSettings) -> EvaluationRows:
-    """Tokenize and score FP32 on a subset of the evaluation rows, with its own hard slice."""
+                hard_classes: np.ndarray, evaluate: EvaluateSettings,
+                waves: list[np.ndarray] | None = None) -> EvaluationRows:
+    """Tokenize and score FP32 on a subset of the evaluation rows, with its own hard slice.
+
+    With `waves` (positions into `rows`), the batches are cut wave by wave, in wave order.
+    """
     subset = [texts[i] for i in rows]
-    batches = tokenized_batches(tokenizer, subset, card.max_length, evaluate.batch_size)
+    batches, ends = [], []
+    for wave in waves if waves is not None else [np.arange(len(subset))]:
+        for idx, feed in tokenized_batches(tokenizer, [subset[i] for i in wave], card.max_length, evaluate.batch_size):
+            batches.append((wave[idx], feed))
+        ends.append(len(batches))
     y_true = label_indices([labels[i] for i in rows], card.labels)
     logits = predict_torch(classifier, batches, len(subset))
     lengths = np.zeros(len(subset), dtype=np.int64)
@@ -147,4 +166,4 @@ def _score_rows(classifier, tokenizer, card: ModelCard, texts: list[str], labels
         lengths[idx] = feed["attention_mask"].sum(axis=1)
     hard_idx = hard_slice(y_true, lengths, hard_classes, evaluate.hard_length_fraction)
     return EvaluationRows(batches, y_true, logits, hard_idx,
-                          quality_metrics(logits, y_true, logits.argmax(axis=1), hard_idx), rows)
+                          quality_metrics(logits, y_true, logits.argmax(axis=1), hard_idx), rows, ends)

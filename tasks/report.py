@@ -14,7 +14,8 @@ def candidate_rows(measured: list[MeasuredCandidate], decision: Decision) -> lis
     rows = []
     for m in measured:
         verdict = decision.verdicts[m.built.name]
-        status = "WINNER" if m.built.name == decision.winner else ("pass" if verdict.passed_bar else "fail")
+        status = verdict_word(m, decision)
+        status = status.upper() if status == "winner" else status
         q, s, c = m.quality, m.speed, m.cost
         rows.append((
             m.built.name, m.built.precision,
@@ -29,6 +30,18 @@ def candidate_rows(measured: list[MeasuredCandidate], decision: Decision) -> lis
             status,
         ))
     return rows
+
+
+def verdict_word(m: MeasuredCandidate, decision: Decision) -> str:
+    """winner | pass | fail | screened out (clearly failing on a sample of the rows: never timed) |
+    deferred (clearly slower than a passing rival in the speed screen: never scored or timed)."""
+    if m.built.name == decision.winner:
+        return "winner"
+    if m.screened_out:
+        return "screened out"
+    if m.deferred:
+        return "deferred"
+    return "pass" if decision.verdicts[m.built.name].passed_bar else "fail"
 
 
 def render_table(rows: list[tuple[str, ...]], columns: tuple[str, ...] = COLUMNS) -> str:
@@ -104,7 +117,7 @@ def candidates_markdown(measured: list[MeasuredCandidate], decision: Decision) -
     rows = []
     for m in sorted(measured, key=order):
         verdict = decision.verdicts[m.built.name]
-        status = "**WINNER**" if m.built.name == decision.winner else ("pass" if verdict.passed_bar else "fail")
+        status = "**WINNER**" if m.built.name == decision.winner else verdict_word(m, decision)
         q, s, c = m.quality, m.speed, m.cost
         rows.append([
             m.built.name, status, f"${c.monthly_cost_usd:,.0f}" + ("*" if c.near_instance_boundary else "") if c else "-",
@@ -138,7 +151,7 @@ def decision_markdown(decision: Decision, measured: list[MeasuredCandidate], out
 def candidate_markdown(m: MeasuredCandidate, decision: Decision) -> str:
     """One candidate run's description: its verdict and why, then its key numbers."""
     verdict = decision.verdicts[m.built.name]
-    status = "WINNER" if m.built.name == decision.winner else ("PASS" if verdict.passed_bar else "FAIL")
+    status = verdict_word(m, decision).upper()
     lines = [f"**{status}**: {verdict.reason or 'see the decision'}", "", f"Candidate `{m.built.name}` "
              f"(recipe `{m.built.recipe}`, config hash `{m.built.config_hash}`)."]
     if m.error:

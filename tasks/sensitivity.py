@@ -126,6 +126,26 @@ def spread_rows(feeds: list[dict[str, np.ndarray]], rows: int) -> list[dict[str,
     return [feeds[i] for i in picks]
 
 
+def ranking_agreement(cheap: list[GroupSensitivity], full: list[GroupSensitivity], top_k: int = 5) -> dict[str, float]:
+    """How far a cheaper ranking (fewer samples) agrees with the full sweep's.
+
+    Returns the Spearman rank correlation over all groups and the overlap of the top-k groups
+    (|top_k(cheap) & top_k(full)| / k): the search keeps the top groups in FP32, so their overlap
+    is what matters most.
+    """
+    order_full = [g.node for g in full]
+    order_cheap = [g.node for g in cheap]
+    if sorted(order_full) != sorted(order_cheap):
+        raise ValueError("the two rankings are over different groups")
+    rank_cheap = {node: i for i, node in enumerate(order_cheap)}
+    d = np.array([rank_cheap[node] - i for i, node in enumerate(order_full)], dtype=np.float64)
+    n = len(order_full)
+    spearman = 1 - 6 * float((d ** 2).sum()) / (n * (n ** 2 - 1)) if n > 1 else 1.0
+    k = min(top_k, n)
+    overlap = len(set(order_full[:k]) & set(order_cheap[:k])) / k if k else 1.0
+    return {"spearman": spearman, "top_k": float(k), "top_k_overlap": overlap}
+
+
 def plot_ranking(ranking: list[GroupSensitivity], path: Path) -> Path:
     """Horizontal bar chart of KL divergence per group, most sensitive on top."""
     import matplotlib

@@ -139,6 +139,35 @@ class QuantizeSettings(_Section):
         return candidates
 
 
+class ScreeningSettings(_Section):
+    """Stop scoring a candidate once it clearly fails the bar (tasks/screening.py)."""
+
+    enabled: bool = Field(True, description="Screen candidates on waves of rows; off scores every row of every candidate "
+                                            "(the same rows and batches, so the same full measurement).")
+    alpha: float = Field(
+        0.01, gt=0, lt=0.5, description="Most probability that a candidate which would pass the full gate is screened "
+                                        "out (spent over every look and test).")
+    first_rows: int = Field(
+        256, ge=16, description="Rows in the first wave (a seeded random sample); then as many again, then doubling, "
+                                "the last wave takes the rest.")
+
+
+class SpeedScreeningSettings(_Section):
+    """Time every candidate briefly before scoring; defer one clearly slower than a rival (tasks/speed_screen.py)."""
+
+    enabled: bool = Field(True, description="Screen candidates on short interleaved timing rounds before scoring; off "
+                                            "scores and times every candidate in full.")
+    rounds: int = Field(4, ge=3, description="Interleaved screening rounds (paired per round; a t bound on R-1 degrees "
+                                             "of freedom, so more rounds defer more surely).")
+    batches: int = Field(2, ge=1, description="Throughput batches (evaluate.throughput_batch_size texts) per candidate "
+                                              "per screening round.")
+    warmup_runs: int = Field(3, ge=0, description="Untimed batch-1 runs per candidate before the screening rounds.")
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="Per candidate, the most probability of deferring it when no "
+                                                         "rival is more than `margin` faster (Bonferroni over rivals).")
+    margin: float = Field(0.10, ge=0, description="A rival must be more than this much faster (0.10 = 10%) beyond noise; "
+                                                  "near-ties always get the full measurement.")
+
+
 class EvaluateSettings(_Section):
     """How quality and speed are measured."""
 
@@ -162,11 +191,18 @@ class EvaluateSettings(_Section):
     price_quantile: float = Field(
         0.25, gt=0, lt=0.5, description="Capacity is priced on this low quantile of the per-round throughputs (robust to one "
                                         "disturbed round); the band reported is [q, 1-q].")
+    screening: ScreeningSettings = ScreeningSettings()
+    speed_screening: SpeedScreeningSettings = SpeedScreeningSettings()
+    reuse_scores: bool = Field(
+        True, description="Reuse a candidate's per-row predictions scored earlier on the same graph, rows, host and "
+                          "runtimes (work_dir/results); timing is always measured fresh.")
 class SearchSettings(_Section):
     """Sensitivity analysis and the mixed-precision search built on it."""
 
     enabled: bool = Field(True, description="Rank groups by sensitivity and search the smallest FP32 set that passes.")
-    sensitivity_samples: int = Field(256, ge=8, description="Calibration texts used to measure each group's output drift.")
+    sensitivity_samples: int = Field(
+        64, ge=8, description="Calibration texts (whole batches spread over every length) used to measure each group's "
+                              "output drift; 64 ranks the top groups as 256 did (tests/test_sensitivity.py).")
     base_config: dict[str, Any] = Field(
         default_factory=lambda: {"per_channel": True, "weight_type": "QInt8", "graph": "optimized"},
         description="int8-dynamic config every trial starts from; trial k keeps the k most sensitive groups in FP32.")

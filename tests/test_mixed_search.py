@@ -28,10 +28,45 @@ def test_trial_spec_keeps_the_k_most_sensitive_nodes_in_fp32():
 
 
 def test_search_kept_fp32_returns_the_smallest_passing_k_and_records_trials():
-    result = search_kept_fp32(RANKING, {"per_channel": True}, scripted,
+    result = search_kept_fp32(lambda: RANKING, {"per_channel": True}, scripted,
                               passes=lambda m: m.quality.accuracy >= 0.915, budget=Budget(10, 1e9))
     assert result.record["best_k"] == 3
     assert result.record["kept_fp32"] == ["layer.0 ffn-up", "layer.1 ffn-up", "layer.2 ffn-up"]
     assert result.record["stop_reason"] == "no cheaper candidate can still pass"
     assert [t["k"] for t in result.record["trials"]][0] == 0
     assert len(result.measured) == len(result.record["trials"])
+
+
+class Counting:
+    """Counts how often the search asks for the sensitivity ranking and measures each k."""
+
+    def __init__(self) -> None:
+        self.rankings, self.measured = 0, []
+
+    def rank(self):
+        self.rankings += 1
+        return RANKING
+
+    def measure(self, spec):
+        self.measured.append(len(spec.config["nodes_to_exclude"]))
+        return scripted(spec)
+
+
+def test_search_stops_at_k0_without_the_sensitivity_sweep_when_the_base_config_passes():
+    calls = Counting()
+    result = search_kept_fp32(calls.rank, {"per_channel": True}, calls.measure,
+                              passes=lambda m: m.quality.accuracy >= 0.90, budget=Budget(10, 1e9))
+    assert calls.rankings == 0 and calls.measured == [0]
+    assert result.ranking is None and result.record["sensitivity_computed"] is False
+    assert result.record["best_k"] == 0 and result.record["kept_fp32"] == []
+    assert "k = 0" in result.record["stop_reason"] and "sensitivity not computed" in result.record["stop_reason"]
+    assert [t["k"] for t in result.record["trials"]] == [0] and len(result.measured) == 1
+
+
+def test_search_ranks_once_and_measures_k0_once_when_the_base_config_fails():
+    calls = Counting()
+    result = search_kept_fp32(calls.rank, {"per_channel": True}, calls.measure,
+                              passes=lambda m: m.quality.accuracy >= 0.915, budget=Budget(10, 1e9))
+    assert calls.rankings == 1 and calls.measured.count(0) == 1
+    assert result.ranking == RANKING and result.record["sensitivity_computed"] is True
+    assert result.record["best_k"] == 3

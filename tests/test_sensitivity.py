@@ -82,3 +82,26 @@ def test_spread_rows_samples_every_length_not_the_shortest():
     assert sum(len(f["input_ids"]) for f in taken) >= 96
     assert lengths[0] == 8 and lengths[-1] == 80  # both ends of the length range
     assert spread_rows(feeds, 10_000) == feeds
+
+
+def test_a_quarter_of_the_samples_ranks_the_top_groups_as_the_full_sweep(tiny_model_folder, tmp_path):
+    """The default search.sensitivity_samples (64) against every calibration row (256 here)."""
+    from tasks.sensitivity import ranking_agreement, spread_rows
+
+    folder = fragile_copy(tiny_model_folder, tmp_path)
+    labels = read_model_card(folder).labels
+    from tests.conftest import banking77_slice
+
+    train_csv, _ = banking77_slice(tmp_path / "data", intents=4, train_per_intent=64, test_per_intent=1)
+    frame = pd.read_csv(train_csv).rename(columns={"category": "label"})
+    frame["label"] = frame["label"].map(dict(zip(sorted(frame["label"].unique()), labels)))
+    reference = prepare_reference(folder, frame, frame, tmp_path / "work", ModelSettings(),
+                                  EvaluateSettings(latency_runs=10), calibration_batch_size=16)
+    feeds = reference.inputs.calibration_feeds
+    full = rank_groups(reference.inputs.optimized_model, feeds, tmp_path / "full", per_channel=True, threads=1)
+    cheap = rank_groups(reference.inputs.optimized_model, spread_rows(feeds, 64), tmp_path / "cheap",
+                        per_channel=True, threads=1)
+    agreement = ranking_agreement(cheap, full, top_k=3)
+    assert sum(len(f["input_ids"]) for f in spread_rows(feeds, 64)) <= 64 < sum(len(f["input_ids"]) for f in feeds)
+    assert cheap[0].node == full[0].node  # the fragile group
+    assert agreement["top_k_overlap"] >= 2 / 3 and agreement["spearman"] >= 0.8
