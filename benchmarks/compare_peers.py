@@ -143,6 +143,10 @@ def main() -> int:
     print(f"requant full evaluations: {screening.get('full_evaluations', '?')} of {screening.get('candidates', '?')} "
           f"candidates (grid {grid_size} + search trials + production); screened out: "
           f"{', '.join(screening.get('screened_out', {})) or 'none'}; rows scored {screening.get('rows_scored', '?')}")
+    print(f"requant speed screen: deferred {', '.join(screening.get('speed_screened_out', [])) or 'none'} "
+          f"(brought back: {', '.join((screening.get('speed') or {}).get('brought_back', [])) or 'none'}); "
+          f"timed in full: {screening.get('timed_in_full', '?')}; search: "
+          f"{(summary.decision.get('search') or {}).get('stop_reason', 'off')}")
     print(f"requant decision: {summary.winner} ({summary.outcome}); phases: "
           + ", ".join(f"{k} {v:.0f} s" for k, v in summary.phases.items()))
     if "olive" in search_seconds:

@@ -64,6 +64,13 @@ def main() -> int:
     print(f"full evaluations: {screening.get('full_evaluations', '?')} of {screening.get('candidates', '?')} candidates; "
           f"screened out: {', '.join(screening.get('screened_out', {})) or 'none'}; "
           f"rows scored by ONNX Runtime: {screening.get('rows_scored', '?')}")
+    speed = screening.get("speed") or {}
+    print(f"speed screen: {speed.get('seconds', 0):.1f} s; deferred (never scored or timed): "
+          f"{', '.join(screening.get('speed_screened_out', [])) or 'none'}; brought back: "
+          f"{', '.join(speed.get('brought_back', [])) or 'none'}; timed in full: {screening.get('timed_in_full', '?')}")
+    search = summary.decision.get("search") or {}
+    if search:
+        print(f"search: {search.get('stop_reason')} (sensitivity computed: {search.get('sensitivity_computed')})")
     print()
     print(summary.table)
     print(f"\noutcome: {summary.outcome}; winner: {summary.winner}")

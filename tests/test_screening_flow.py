@@ -11,9 +11,11 @@ from tests.conftest import tiny_project
 pytestmark = pytest.mark.e2e
 
 
-def set_screening(project, enabled: bool) -> None:
+def set_screening(project, enabled: bool, speed: bool = False) -> None:
+    """Accuracy screening on or off; the speed screen off unless asked (its deferrals depend on timing)."""
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["evaluate"]["screening"] = {"enabled": enabled, "alpha": 0.01, "first_rows": 16}
+    params["evaluate"]["speed_screening"] = {"enabled": speed}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -93,3 +95,30 @@ def test_screening_keeps_the_winner_and_reruns_reuse_scores(tmp_path, tiny_model
     production = next(n for n, c in new_data.decision["candidates"].items() if c["is_production"])
     assert new_data.decision["screening"]["scores_reused"] == [production]
     assert new_data.decision["candidates"][production]["model_sha256"] in {c["model_sha256"] for c in candidates.values()}
+
+
+def test_speed_screen_in_the_flow_defers_only_behind_a_passing_faster_rival(tmp_path, tiny_model_folder, prefect_server):
+    """One real run with the speed screen on: whatever the timing defers, the record says against whom
+    and by how much, a deferred candidate is neither scored nor timed, and a faster rival passes."""
+    from flows.requantize import requantize
+
+    project = tiny_project(tmp_path, tiny_model_folder, quantize={"candidates": [
+        {"name": "fp32", "recipe": "fp32"},
+        {"name": "int8", "recipe": "int8-dynamic", "config": {"per_channel": [False, True]}}]})
+    set_screening(project, True, speed=True)
+    summary = requantize(params_path=str(project / "params.yaml"), model_uri=str(tiny_model_folder),
+                         work_dir=str(tmp_path / "work"))
+    screening = summary.decision["screening"]
+    speed = screening["speed"]
+    assert speed["enabled"] and speed["seconds"] > 0
+    assert set(speed["rates_per_round"]) == set(summary.decision["candidates"])
+    assert all(len(rates) == speed["rounds"] for rates in speed["rates_per_round"].values())
+    deferred = set(screening["speed_screened_out"])
+    assert screening["full_evaluations"] == screening["candidates"] - len(deferred) - len(screening["screened_out"])
+    for name in deferred:
+        record = summary.decision["candidates"][name]
+        assert "accuracy" not in record and "throughput_per_s" not in record and record["rows_scored"] == 0
+        beaten_by = speed["deferred"][name]["beaten_by"]
+        assert all(b["ratio_low"] > 1 + speed["margin"] for b in beaten_by)
+        assert any(summary.decision["verdicts"][b["rival"]]["passed_bar"] for b in beaten_by)
+    assert summary.winner not in deferred
