@@ -247,18 +247,21 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
                 if searched.ranking is not None:
                     record.log_sensitivity(tracker, parent_id, searched.ranking, work_dir)
 
+        with clock.phase("evaluate"):
+            # A deferred candidate whose every faster rival fails the bar gets its full measurement after all.
+            bring_back_deferred(measured, lambda b: score(b, reference, settings.evaluate, settings.quality_bar, scores),
+                                lambda m: passes_quality(m, reference, settings.quality_bar))
+
         with clock.phase("qat"):
-            # Quantization-aware fine-tuning, only when post-training quantization missed the bar:
-            # its candidate is built, scored, timed and selected like the others.
+            # Quantization-aware fine-tuning, only when post-training quantization missed the bar (the
+            # deferred candidates are back by now when that matters): its candidate is built, scored,
+            # timed and selected like the others.
             escalation = escalate(measured, reference, family, calibration, evaluation, settings, source.digest, work_dir,
                                   progress=lambda p: log.info("qat step %d/%d: loss %.4f (%.0f s)", p.step,
                                                               p.total_steps, p.loss, p.seconds))
             measured += escalation.measured
 
         with clock.phase("evaluate"):
-            # A deferred candidate whose every faster rival fails the bar gets its full measurement after all.
-            bring_back_deferred(measured, lambda b: score(b, reference, settings.evaluate, settings.quality_bar, scores),
-                                lambda m: passes_quality(m, reference, settings.quality_bar))
             log_screening(measured)
             compare_with_production(measured, reference, settings.quality_bar)
             # Every candidate (production included) is timed in the same interleaved rounds.
