@@ -76,7 +76,7 @@ def main() -> int:
     for run in range(args.runs):
         measured = [replace(m, speed=None, cost=None, confirmation=None) for m in scored]  # fresh timing, same scores
         time_candidates(measured, reference, evaluate, profile, settings.cost.traffic, measure_memory=False)
-        decision = select([m.for_selection() for m in measured], quality, settings.quality_bar)
+        decision = select([m.for_selection(reference.y_true) for m in measured], quality, settings.quality_bar)
         winner = next((m for m in measured if m.built.name == decision.winner), None)
         confirmation = confirm_winner(winner, decision, reference, settings)
         winners[decision.winner or "(none)"] += 1

@@ -89,7 +89,7 @@ def main() -> int:
                                                          or qat.passes_quality(m, reference, settings))]
         time_candidates(timed, reference, settings.evaluate, profile, settings.cost.traffic)
         quality = QualityReference(reference.quality.accuracy, reference.quality.hard_slice_accuracy)
-        decision = select([m.for_selection() for m in timed], quality, settings.quality_bar)
+        decision = select([m.for_selection(reference.y_true) for m in timed], quality, settings.quality_bar)
 
     print(f"host: {host['cpu_model']} ({host['cpu_count']} cores; flags: {host['cpu_flags']}); priced as {profile.name}")
     print(f"source: {source.uri}; FP32 accuracy {reference.quality.accuracy:.2%} on {len(reference.y_true)} selection rows "

@@ -270,7 +270,7 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
 
         with clock.phase("select"):
             quality = QualityReference(reference.quality.accuracy, reference.quality.hard_slice_accuracy)
-            decision = select([m.for_selection() for m in measured], quality, settings.quality_bar)
+            decision = select([m.for_selection(reference.y_true) for m in measured], quality, settings.quality_bar)
             winner = next((m for m in measured if m.built.name == decision.winner), None)
             confirmation = confirm_winner(winner, decision, reference, settings)
             same_graph_as_production(winner, decision, measured)

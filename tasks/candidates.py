@@ -168,8 +168,9 @@ class MeasuredCandidate:
         out["timing_seconds"] = self.timing_seconds
         return out
 
-    def for_selection(self) -> Candidate:
-        """The numbers the pure selection function needs."""
+    def for_selection(self, y_true: np.ndarray | None = None) -> Candidate:
+        """The numbers the pure selection function needs; with the selection rows' labels (`y_true`),
+        also which rows it got right, so accuracies are compared beyond noise."""
         if self.deferred:
             return Candidate(name=self.built.name, recipe=self.built.recipe, error=self.speed_screening.reason,
                              is_production=self.built.is_production)
@@ -185,6 +186,8 @@ class MeasuredCandidate:
             throughput_per_s=self.speed.throughput_per_s, throughput_low_per_s=self.speed.throughput_low_per_s,
             throughput_high_per_s=self.speed.throughput_high_per_s, monthly_cost_usd=self.cost.monthly_cost_usd,
             size_mb=self.speed.size_mb, throughput_rounds=self.speed.throughput_rounds,
+            correct_rows=tuple(bool(x) for x in np.asarray(self.predictions) == y_true) if y_true is not None
+            and len(self.predictions) == len(y_true) else (),
             accuracy_loss_high=self.accuracy_loss.high if self.accuracy_loss else None,
             hard_slice_loss_high=self.hard_slice_loss.high if self.hard_slice_loss else None,
             is_production=self.built.is_production,

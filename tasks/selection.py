@@ -16,7 +16,11 @@ Rules, in order:
    the median is slower beyond the noise too. A disturbance of the host lands on both candidates of
    a round alike, so the per-round ratio sees a steady 5% gap that two overlapping bands hide.
    The rest (the speed frontier) are as fast as the fastest within noise: among them the most
-   accurate wins, then the cheaper, then the smaller.
+   accurate wins. Accuracy too is judged beyond noise when the per-row results are given: a
+   candidate is more accurate than another only when an exact sign test on the rows where they
+   disagree says so at the bar's confidence (`more_accurate_beyond_noise`); 1 row in 2,000 is not.
+   Among candidates tied on speed and accuracy the smaller file wins (a deterministic, real
+   difference; their price difference is noise), then the cheaper.
 
    A wider band never helps a candidate: its own median decides whether it is out, its own `low`
    only lets more rivals stay in, and its price (from `low`) only rises. The paired comparison only
@@ -58,6 +62,9 @@ class Candidate:
     error: str | None = None
     # Throughput of each interleaved timing round, in round order; empty when not timed in rounds.
     throughput_rounds: tuple[float, ...] = ()
+    # Whether it got each selection row right (the same rows, in the same order, for every
+    # candidate); empty when unknown, and then accuracies are compared as point estimates.
+    correct_rows: tuple[bool, ...] = ()
     # Upper ends of the paired intervals of the relative losses vs FP32 (tasks.quality_gate); when
     # set, the bar is judged on them instead of the point estimates.
     accuracy_loss_high: float | None = None
@@ -201,6 +208,24 @@ def paired_speed_ratio(a: Candidate, b: Candidate) -> float | None:
     return ratios[below] + (ratios[above] - ratios[below]) * frac
 
 
+def more_accurate_beyond_noise(a: Candidate, b: Candidate, confidence: float) -> bool:
+    """Whether a is more accurate than b beyond noise.
+
+    With per-row results for both (same rows): of the rows where exactly one of them is right, a
+    must be right on so many that a fair coin would do as well with probability at most
+    1 - confidence (one-sided exact sign test). Without them: a's point accuracy is higher.
+    """
+    if not a.correct_rows or len(a.correct_rows) != len(b.correct_rows):
+        return a.accuracy > b.accuracy
+    a_only = sum(1 for x, y in zip(a.correct_rows, b.correct_rows) if x and not y)
+    b_only = sum(1 for x, y in zip(a.correct_rows, b.correct_rows) if y and not x)
+    n = a_only + b_only
+    if a_only <= b_only:
+        return False
+    tail = sum(math.comb(n, k) for k in range(a_only, n + 1)) / 2 ** n
+    return tail <= 1 - confidence
+
+
 def _band(c: Candidate) -> str:
     return f"{c.throughput_per_s:.0f}/s ({c.throughput_low_per_s:.0f}-{c.throughput_high_per_s:.0f})"
 
@@ -228,13 +253,16 @@ def select(candidates: list[Candidate], reference: Reference, bar: QualityBar) -
     frontier = [c for c in passing if beaten_by[c.name] is None]
     for c in frontier:
         verdicts[c.name].on_speed_frontier = True
-    winner = max(frontier, key=lambda c: (c.accuracy, -c.monthly_cost_usd, -c.size_mb, c.is_production))
+    # "More accurate beyond noise" implies a higher accuracy, so the most accurate is never beaten
+    # and `top` is never empty.
+    top = [c for c in frontier if not any(more_accurate_beyond_noise(o, c, bar.confidence) for o in frontier)]
+    winner = max(top, key=lambda c: (-c.size_mb, -c.monthly_cost_usd, c.accuracy, c.is_production))
     tied = [c for c in frontier if c is not winner]
     for c in passing:
         if c is winner:
             verdicts[c.name].reason = "winner: cheapest that meets the bar" + (
-                f" (as fast as {', '.join(t.name for t in tied)} within measured noise; more accurate, then cheaper, then smaller)"
-                if tied else "")
+                f" (as fast as {', '.join(t.name for t in tied)} within measured noise; more accurate beyond noise, "
+                "or as accurate within noise and smaller, then cheaper)" if tied else "")
         elif beaten_by[c.name] is not None:
             faster = beaten_by[c.name]
             paired = paired_speed_ratio(c, faster)
@@ -246,9 +274,11 @@ def select(candidates: list[Candidate], reference: Reference, bar: QualityBar) -
                 f"(${c.monthly_cost_usd:,.2f}/month vs ${faster.monthly_cost_usd:,.2f})"
             )
         else:
+            how = ("more accurate beyond noise" if c not in top else
+                   f"as accurate within noise and smaller ({winner.size_mb:.1f} vs {c.size_mb:.1f} MB) or cheaper")
             verdicts[c.name].reason = (
-                f"passes the bar; as fast as {winner.name} within measured noise, and {winner.name} is more accurate "
-                f"({winner.accuracy:.2%} vs {c.accuracy:.2%}), cheaper or smaller"
+                f"passes the bar; as fast as {winner.name} within measured noise, and {winner.name} is {how} "
+                f"({winner.accuracy:.2%} vs {c.accuracy:.2%})"
             )
 
     decision.winner = winner.name

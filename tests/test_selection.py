@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 from tasks.cost import monthly_cost
-from tasks.selection import Candidate, Reference, paired_speed_ratio, select, slower_beyond_noise
+from tasks.selection import (
+    Candidate,
+    Reference,
+    more_accurate_beyond_noise,
+    paired_speed_ratio,
+    select,
+    slower_beyond_noise,
+)
 from tasks.settings import HardwareProfile, QualityBar, TrafficSettings
 
 REF = Reference(accuracy=0.930, hard_slice_accuracy=0.700)
@@ -147,6 +154,39 @@ def test_paired_ratio_needs_the_same_rounds():
     assert paired_speed_ratio(replace(rounds_cand("a", [100, 200, 300, 400]), throughput_rounds=(100, 200, math.nan, 400)),
                               rounds_cand("b", [100, 200, 300, 400])) is None
     assert paired_speed_ratio(rounds_cand("a", [90, 180, 270, 360]), rounds_cand("b", [100, 200, 300, 400])) == pytest.approx(0.9)
+
+
+def rows_right(n_rows, wrong):
+    """Per-row correctness: right on every row except the indices in `wrong`."""
+    wrong = set(wrong)
+    return tuple(i not in wrong for i in range(n_rows))
+
+
+def test_select_one_row_of_accuracy_is_noise_and_the_smaller_file_wins():
+    # Tied on speed; plain gets 1 more of 2,156 rows right. That is no evidence: the smaller file wins,
+    # as it would whenever the timing rounds happen to put plain slower beyond the noise.
+    fused = replace(cand("fused", accuracy=1 - 158 / 2156, size=22.8), correct_rows=rows_right(2156, range(158)))
+    plain = replace(cand("plain", accuracy=1 - 157 / 2156, size=23.0), correct_rows=rows_right(2156, range(1, 158)))
+    assert plain.accuracy > fused.accuracy and not more_accurate_beyond_noise(plain, fused, 0.95)
+    decision = select([fused, plain], REF, BAR)
+    assert decision.winner == "fused"
+    assert "as accurate within noise and smaller" in decision.verdicts["plain"].reason
+
+
+def test_select_accuracy_beyond_noise_still_beats_a_smaller_file():
+    small = replace(cand("small", accuracy=1 - 190 / 2156, size=14.5), correct_rows=rows_right(2156, range(190)))
+    accurate = replace(cand("accurate", accuracy=1 - 150 / 2156, size=23.0), correct_rows=rows_right(2156, range(150)))
+    assert more_accurate_beyond_noise(accurate, small, 0.95)  # right on 40 rows the other misses, wrong on none of its
+    assert select([small, accurate], REF, BAR).winner == "accurate"
+
+
+def test_sign_test_counts_only_the_rows_where_they_disagree():
+    a = rows_right(100, [0, 1])
+    b = rows_right(100, list(range(2, 12)))  # a right on 10 rows b misses, b right on 2 rows a misses
+    ca, cb = replace(cand("a"), correct_rows=a), replace(cand("b"), correct_rows=b)
+    assert more_accurate_beyond_noise(ca, cb, 0.95)  # P(X >= 10 | n = 12) = 0.019
+    assert not more_accurate_beyond_noise(ca, cb, 0.99)
+    assert not more_accurate_beyond_noise(cb, ca, 0.5 + 1e-9)
 
 
 def random_rounds_field(rng, n, rounds=7):
