@@ -11,10 +11,11 @@ Rules, in order:
    (a robust low quantile), so capacity holds at the slow end of the noise. A passing candidate is
    *slower beyond the noise* than another when its median lies below the other's `low`; such a
    candidate never wins, whatever its accuracy. When both candidates were timed in the same
-   interleaved rounds, the rounds are also compared pairwise: one that is slower in at least three
-   rounds out of four (the upper quartile of its per-round speed ratios is below 1) and slower at
-   the median is slower beyond the noise too. A disturbance of the host lands on both candidates of
-   a round alike, so the per-round ratio sees a steady 5% gap that two overlapping bands hide.
+   interleaved rounds (at least 5), the rounds are also compared pairwise: one that is slower in
+   every round is slower beyond the noise too (a one-sided sign test: two equally fast candidates
+   do that by chance with probability 2^-rounds, 3% with 5 rounds, 0.8% with the default 7). A
+   disturbance of the host lands on both candidates of a round alike, so the per-round comparison
+   sees a steady gap of a few percent that two overlapping bands hide.
    The rest (the speed frontier) are as fast as the fastest within noise: among them the most
    accurate wins. Accuracy too is judged beyond noise when the per-row results are given: a
    candidate is more accurate than another only when an exact sign test on the rows where they
@@ -24,8 +25,9 @@ Rules, in order:
 
    A wider band never helps a candidate: its own median decides whether it is out, its own `low`
    only lets more rivals stay in, and its price (from `low`) only rises. The paired comparison only
-   ever adds exclusions to the band rule, and "slower beyond the noise" always means a lower median,
-   so the relation has no cycles and the fastest median is always on the frontier.
+   ever adds exclusions to the band rule, and "slower beyond the noise" always means a lower median
+   (slower in every round implies it), so the relation has no cycles and the fastest median is
+   always on the frontier.
 4. The production model, measured in the same run as a candidate, stays unless the winner is better
    beyond noise: production is slower beyond the noise than the winner, or the winner's accuracy
    gain over production has a paired interval above zero, or production no longer meets the bar.
@@ -169,43 +171,34 @@ def judge(candidate: Candidate, reference: Reference, bar: QualityBar) -> Verdic
     return verdict
 
 
-# Paired rounds needed before per-round ratios are trusted, and the quantile of those ratios that
-# must lie below 1: with 7 rounds, a must be slower in about 6 of them.
-MIN_PAIRED_ROUNDS = 4
-PAIRED_QUANTILE = 0.75
+# Paired rounds needed before "slower in every round" is evidence: 2^-5 = 3% by chance.
+MIN_PAIRED_ROUNDS = 5
 
 
 def slower_beyond_noise(a: Candidate, b: Candidate) -> bool:
     """Whether a is slower than b beyond the noise.
 
-    Either a's median throughput lies below b's noise band (b's robust low quantile), or, when both
-    were timed in the same rounds, a's median is below b's and a is slower in the upper quartile of
-    the per-round ratios too (`paired_speed_ratio`).
+    Either a's median throughput lies below b's noise band (b's robust low quantile), or both were
+    timed in the same rounds and a is slower than b in every one of them (`paired_speed_ratio` < 1).
     """
     if a.throughput_per_s < b.throughput_low_per_s:
         return True
     ratio = paired_speed_ratio(a, b)
-    return ratio is not None and a.throughput_per_s < b.throughput_per_s and ratio < 1.0
+    return ratio is not None and ratio < 1.0
 
 
 def paired_speed_ratio(a: Candidate, b: Candidate) -> float | None:
-    """The upper quartile over timing rounds of a's throughput / b's, or None when not comparable.
+    """The largest per-round ratio of a's throughput to b's, or None when the rounds are not comparable.
 
-    Rounds are comparable when both candidates have the same number of them (the same interleaved
-    timing), at least MIN_PAIRED_ROUNDS, all finite and positive.
+    Below 1 means a was slower than b in every round. Rounds are comparable when both candidates
+    have the same number of them (the same interleaved timing), at least MIN_PAIRED_ROUNDS, all
+    finite and positive.
     """
     ra, rb = a.throughput_rounds, b.throughput_rounds
     if len(ra) != len(rb) or len(ra) < MIN_PAIRED_ROUNDS:
         return None
     ratios = [x / y for x, y in zip(ra, rb) if x > 0 and y > 0 and math.isfinite(x) and math.isfinite(y)]
-    if len(ratios) != len(ra):
-        return None
-    ratios.sort()
-    # Linear interpolation between order statistics (numpy's default), kept dependency-free.
-    position = PAIRED_QUANTILE * (len(ratios) - 1)
-    below, frac = int(position), position - int(position)
-    above = min(below + 1, len(ratios) - 1)
-    return ratios[below] + (ratios[above] - ratios[below]) * frac
+    return max(ratios) if len(ratios) == len(ra) else None
 
 
 def more_accurate_beyond_noise(a: Candidate, b: Candidate, confidence: float) -> bool:
@@ -267,8 +260,8 @@ def select(candidates: list[Candidate], reference: Reference, bar: QualityBar) -
             faster = beaten_by[c.name]
             paired = paired_speed_ratio(c, faster)
             how = (f"below {faster.name}'s {_band(faster)} beyond the noise" if c.throughput_per_s < faster.throughput_low_per_s
-                   else f"slower than {faster.name}'s {_band(faster)} in most timing rounds "
-                        f"(upper quartile of the per-round ratio {paired:.3f})")
+                   else f"slower than {faster.name}'s {_band(faster)} in every one of the "
+                        f"{len(c.throughput_rounds)} timing rounds (at most {paired:.3f}x its speed)")
             verdicts[c.name].reason = (
                 f"passes the bar, but its throughput {_band(c)} is {how} "
                 f"(${c.monthly_cost_usd:,.2f}/month vs ${faster.monthly_cost_usd:,.2f})"
