@@ -15,7 +15,11 @@ Rules, in order:
    every round is slower beyond the noise too (a one-sided sign test: two equally fast candidates
    do that by chance with probability 2^-rounds, 3% with 5 rounds, 0.8% with the default 7). A
    disturbance of the host lands on both candidates of a round alike, so the per-round comparison
-   sees a steady gap of a few percent that two overlapping bands hide.
+   sees a steady gap of a few percent that two overlapping bands hide. Both tests leave a margin
+   (`quality_bar.speed_noise_margin`, 5%): a new ONNX Runtime session of the same graph can run a
+   few percent faster or slower for its whole life (memory layout, thread placement), a noise that
+   the rounds of one run cannot see; measured on the shared AMD host, two graphs of equal speed
+   swapped places by up to 5% between runs.
    The rest (the speed frontier) are as fast as the fastest within noise: among them the most
    accurate wins. Accuracy too is judged beyond noise when the per-row results are given: a
    candidate is more accurate than another only when an exact sign test on the rows where they
@@ -175,16 +179,17 @@ def judge(candidate: Candidate, reference: Reference, bar: QualityBar) -> Verdic
 MIN_PAIRED_ROUNDS = 5
 
 
-def slower_beyond_noise(a: Candidate, b: Candidate) -> bool:
-    """Whether a is slower than b beyond the noise.
+def slower_beyond_noise(a: Candidate, b: Candidate, margin: float = 0.0) -> bool:
+    """Whether a is slower than b beyond the noise, by more than `margin` (a share of b's speed).
 
-    Either a's median throughput lies below b's noise band (b's robust low quantile), or both were
-    timed in the same rounds and a is slower than b in every one of them (`paired_speed_ratio` < 1).
+    Either a's median throughput lies below b's noise band (b's robust low quantile) shrunk by
+    the margin, or both were timed in the same rounds and a is slower than b by more than the
+    margin in every one of them (`paired_speed_ratio` < 1 - margin).
     """
-    if a.throughput_per_s < b.throughput_low_per_s:
+    if a.throughput_per_s < b.throughput_low_per_s * (1 - margin):
         return True
     ratio = paired_speed_ratio(a, b)
-    return ratio is not None and ratio < 1.0
+    return ratio is not None and ratio < 1.0 - margin
 
 
 def paired_speed_ratio(a: Candidate, b: Candidate) -> float | None:
@@ -242,7 +247,7 @@ def select(candidates: list[Candidate], reference: Reference, bar: QualityBar) -
         return decision
 
     beaten_by = {c.name: next((o for o in sorted(passing, key=lambda o: -o.throughput_low_per_s)
-                               if o is not c and slower_beyond_noise(c, o)), None) for c in passing}
+                               if o is not c and slower_beyond_noise(c, o, bar.speed_noise_margin)), None) for c in passing}
     frontier = [c for c in passing if beaten_by[c.name] is None]
     for c in frontier:
         verdicts[c.name].on_speed_frontier = True
@@ -259,7 +264,8 @@ def select(candidates: list[Candidate], reference: Reference, bar: QualityBar) -
         elif beaten_by[c.name] is not None:
             faster = beaten_by[c.name]
             paired = paired_speed_ratio(c, faster)
-            how = (f"below {faster.name}'s {_band(faster)} beyond the noise" if c.throughput_per_s < faster.throughput_low_per_s
+            how = (f"below {faster.name}'s {_band(faster)} beyond the noise"
+                   if c.throughput_per_s < faster.throughput_low_per_s * (1 - bar.speed_noise_margin)
                    else f"slower than {faster.name}'s {_band(faster)} in every one of the "
                         f"{len(c.throughput_rounds)} timing rounds (at most {paired:.3f}x its speed)")
             verdicts[c.name].reason = (

@@ -329,6 +329,10 @@ class QualityBar(_Section):
         "interval", description="'interval': the upper end of the paired bootstrap interval of the loss must be within the bar; 'point': the estimate alone.")
     confidence: float = Field(0.95, gt=0.5, lt=1, description="Two-sided coverage of the paired interval.")
     bootstrap_samples: int = Field(2000, ge=100, description="Paired bootstrap resamples.")
+    speed_noise_margin: float = Field(
+        0.05, ge=0, lt=0.5,
+        description="Speed gaps smaller than this share are a tie in selection: the session-to-session noise "
+                    "that rounds within one run cannot see (benchmarks/decision_stability.py measured about 5%).")
 
 
 class RegistrySettings(_Section):
