@@ -78,7 +78,8 @@ def main() -> int:
     chosen = summary.decision["candidates"][summary.winner]
     models[f"requant ({summary.winner})"] = tmp / "work" / "candidates" / f"{chosen['recipe']}-{chosen['config_hash']}" / "model.onnx"
 
-    fp32 = tmp / "work" / "fp32" / "model.onnx"
+    # The flow exports the FP32 graph into a folder of its own per source model (work/sources/<digest>/).
+    fp32 = next((tmp / "work" / "sources").glob("*/fp32/model.onnx"))
     start = time.perf_counter()
     models["optimum avx2 dynamic"] = optimum_one_line(fp32, tmp / "optimum")
     search_seconds["optimum"] = time.perf_counter() - start
