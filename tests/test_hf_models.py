@@ -11,8 +11,8 @@ import urllib.request
 
 import numpy as np
 import pytest
-import yaml
 
+from tests.cli_helpers import params_for
 from tests.conftest import TINY_LABELS, tiny_hf_classifier, tiny_project
 from tests.servers import HOST, background, free_port, wait_until_answering
 
@@ -28,19 +28,6 @@ def hf_project(tmp_path_factory, minilm_dir, tiny_bert_classifier):
     project = tiny_project(tmp, tiny_bert_classifier)
     folders = {arch: tiny_hf_classifier(tmp / arch, arch, minilm_dir) for arch in ARCHITECTURES}
     return project, folders
-
-
-def params_for(project, arch: str, **sections) -> str:
-    """The project's params with this architecture's own serving model, so each promotion stands alone."""
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["registry"]["serving_model_name"] = f"tiny-{arch}-serving"
-    # Another params file versions its data apart (its own DVC stage and output folder).
-    params["data"]["output_dir"] = str(project / "data" / f"prepared-{arch}")
-    for name, values in sections.items():
-        params[name] = {**params.get(name, {}), **values}
-    path = project / f"params-{arch}.yaml"
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-    return str(path)
 
 
 def register(params_path: str, folder, name: str) -> str:

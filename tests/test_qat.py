@@ -8,7 +8,6 @@ the loop, lifts the quantized model over the floor on the selection rows and the
 confirmation rows, which it never saw.
 """
 
-import json
 import types
 from pathlib import Path
 
@@ -18,26 +17,21 @@ import pytest
 import yaml
 
 from tasks.data_prep import LABEL, TEXT
-from tasks.fake_quant import QuantScheme, insert_fake_quant, quantize_weight, scheme_for, strip_fake_quant
+from tasks.fake_quant import (
+    QuantScheme,
+    insert_fake_quant,
+    quantize_weight,
+    scheme_for,
+    strip_fake_quant,
+)
 from tasks.qat import plan, training_rows
+from tests.cli_helpers import params_for
 from tests.conftest import TINY_LABELS, tiny_project
 
 # Training is short and fast on the tiny model: 60 steps of 16 rows at a high learning rate. The
 # teacher is a random model here, so distillation is off (it has nothing to teach).
 QAT = {"max_steps": 60, "epochs": 100, "batch_size": 16, "learning_rate": 1e-2, "distill": False, "max_minutes": 5}
 FLOOR = {"min_accuracy": 0.6}
-
-
-def params_for(project: Path, name: str, **sections) -> str:
-    """The project's params with their own serving model and data folder, so each run stands alone."""
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["registry"]["serving_model_name"] = f"tiny-{name}-serving"
-    params["data"]["output_dir"] = str(project / "data" / f"prepared-{name}")
-    for section, values in sections.items():
-        params[section] = {**params.get(section, {}), **values}
-    path = project / f"params-{name}.yaml"
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +208,9 @@ def test_weights_written_back_on_their_grid_are_found_again_by_min_max(scheme):
 
 def test_int4_blocks_follow_onnxruntime_formula():
     import torch
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantizer,
+    )
 
     weight = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
     blocks = weight.numpy().reshape(-1, 32)
