@@ -88,8 +88,10 @@ def log_candidates(tracker: Tracker, parent_id: str, measured: list[MeasuredCand
                                      source=str(data.evaluation_path), name="evaluation", digest=data.evaluation_md5)
         tracker.log_evaluation_input(run_id, calibration[[TEXT, LABEL]], source=str(data.calibration_path),
                                      name="calibration", digest=data.calibration_md5, context="calibration")
-        # The production copy is already registered; logging its graph again would only duplicate it.
-        if b.model_path and not m.error and not b.is_production:
+        # Only a candidate that passes the bar can be promoted, so only it is logged as a model (a second
+        # copy of each graph costs the run time and the store space; the others keep their metrics,
+        # reason and graph sha256). The production copy is already registered: not logged again.
+        if b.model_path and not m.error and not b.is_production and verdict and verdict.passed_bar:
             uris[b.name] = (tracker.log_serving_model(run_id, b.model_path, reference.serving, names[b.name])
                             if reference.serving else
                             tracker.log_onnx_model(run_id, b.model_path, len(reference.card.labels), names[b.name]))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pandas as pd
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -46,7 +47,7 @@ from tasks.decision import (
 from tasks.locking import exclusive
 from tasks.mixed_search import MixedSearchResult, search_kept_fp32
 from tasks.models.base import open_model
-from tasks.recipes.base import config_hash, parse_config, runtime_versions
+from tasks.recipes.base import config_hash, parse_config, recipe_class, runtime_versions
 from tasks.reference import Reference, prepare_reference
 from tasks.report import (
     candidate_rows,
@@ -264,9 +265,14 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
         with clock.phase("evaluate"):
             log_screening(measured)
             compare_with_production(measured, reference, settings.quality_bar)
-            # Every candidate (production included) is timed in the same interleaved rounds.
+            for m in measured:  # a rough speed for the record, also for candidates never timed in full
+                rates = speed.rates.get(m.built.name)
+                m.screen_throughput_per_s = float(np.median(rates)) if rates else None
+            # Every candidate that passes the bar on its scores (production always) is timed in the same
+            # interleaved rounds; a failing one is not: its speed cannot change the decision.
             time_all(measured, reference, settings.evaluate, profile, settings.cost.traffic,
-                     progress=lambda r, n: log.info("timing round %d/%d", r, n))
+                     progress=lambda r, n: log.info("timing round %d/%d", r, n),
+                     passes=lambda m: passes_quality(m, reference, settings.quality_bar))
 
         with clock.phase("select"):
             quality = QualityReference(reference.quality.accuracy, reference.quality.hard_slice_accuracy)
@@ -361,15 +367,28 @@ def publish_decision(measured: list[MeasuredCandidate], decision, summary_markdo
 
 
 def _build_all(settings: Settings, reference: Reference, source_digest: str, work_dir: Path) -> list[BuiltCandidate]:
-    """Quantize candidates in parallel, at most quantize.max_parallel at once (memory-bound)."""
-    specs, built = expand_all(settings.quantize.candidates), []
-    step = settings.quantize.max_parallel
-    for start in range(0, len(specs), step):
-        futures = [build.submit(spec, reference, source_digest, work_dir) for spec in specs[start:start + step]]
-        built += [f.result() for f in futures]
-    for b in built:
+    """Quantize candidates in parallel, at most quantize.max_parallel at once (memory-bound).
+
+    A new build starts as soon as one finishes (no waiting for the slowest of a batch), and the
+    recipes that run the model over the calibration rows (the slow ones) start first, so the run
+    does not end waiting on one long build. Candidates come back in params.yaml's order.
+    """
+    from prefect.futures import as_completed
+
+    specs = expand_all(settings.quantize.candidates)
+    queue = sorted(range(len(specs)), key=lambda i: not recipe_class(specs[i].recipe).uses_calibration)
+    built: list[BuiltCandidate | None] = [None] * len(specs)
+    running: dict = {}
+    while queue or running:
+        while queue and len(running) < settings.quantize.max_parallel:
+            i = queue.pop(0)
+            running[build.submit(specs[i], reference, source_digest, work_dir)] = i
+        done = next(as_completed(list(running)))
+        b = built[running.pop(done)] = done.result()
         if b.error:
             log.warning("candidate %s failed to build: %s", b.name, b.error)
+        else:
+            log.info("built %s in %.1f s%s", b.name, b.build_seconds, " (reused)" if b.reused else "")
     return built
 
 

@@ -120,6 +120,10 @@ class MeasuredCandidate:
     speed_screening: SpeedScreenOutcome | None = None
     rows_scored: int = 0  # selection rows run through ONNX Runtime in this run (0: every score was reused)
     scores_reused: bool = False  # some waves' predictions came from work_dir/results
+    # Why it was scored but not timed (it fails the quality bar, so its speed cannot change the decision).
+    untimed_because: str | None = None
+    # Median throughput in the speed screen's short rounds: a rough speed for candidates never timed in full.
+    screen_throughput_per_s: float | None = None
 
     @property
     def screened_out(self) -> bool:
@@ -166,6 +170,8 @@ class MeasuredCandidate:
         out["score_seconds"] = self.score_seconds
         out["rows_scored"] = self.rows_scored
         out["timing_seconds"] = self.timing_seconds
+        if self.screen_throughput_per_s is not None:
+            out["screen_throughput_per_s"] = self.screen_throughput_per_s
         return out
 
     def for_selection(self, y_true: np.ndarray | None = None) -> Candidate:
@@ -177,6 +183,16 @@ class MeasuredCandidate:
         if self.screened_out:
             return Candidate(name=self.built.name, recipe=self.built.recipe, error=self.screening.reason,
                              is_production=self.built.is_production)
+        correct_rows = (tuple(bool(x) for x in np.asarray(self.predictions) == y_true) if y_true is not None
+                        and len(self.predictions) == len(y_true) else ())
+        if not self.error and self.quality and self.speed is None and self.untimed_because:
+            # Scored and failing: its quality numbers give the verdict's reason; untimed, it cannot pass.
+            return Candidate(
+                name=self.built.name, recipe=self.built.recipe, accuracy=self.quality.accuracy,
+                hard_slice_accuracy=self.quality.hard_slice_accuracy, correct_rows=correct_rows,
+                accuracy_loss_high=self.accuracy_loss.high if self.accuracy_loss else None,
+                hard_slice_loss_high=self.hard_slice_loss.high if self.hard_slice_loss else None,
+                is_production=self.built.is_production, untimed_because=self.untimed_because)
         if self.error or not (self.quality and self.speed and self.cost):
             return Candidate(name=self.built.name, recipe=self.built.recipe, error=self.error or "not measured",
                              is_production=self.built.is_production)
@@ -185,9 +201,7 @@ class MeasuredCandidate:
             hard_slice_accuracy=self.quality.hard_slice_accuracy, latency_p95_ms=self.speed.latency_p95_ms,
             throughput_per_s=self.speed.throughput_per_s, throughput_low_per_s=self.speed.throughput_low_per_s,
             throughput_high_per_s=self.speed.throughput_high_per_s, monthly_cost_usd=self.cost.monthly_cost_usd,
-            size_mb=self.speed.size_mb, throughput_rounds=self.speed.throughput_rounds,
-            correct_rows=tuple(bool(x) for x in np.asarray(self.predictions) == y_true) if y_true is not None
-            and len(self.predictions) == len(y_true) else (),
+            size_mb=self.speed.size_mb, throughput_rounds=self.speed.throughput_rounds, correct_rows=correct_rows,
             accuracy_loss_high=self.accuracy_loss.high if self.accuracy_loss else None,
             hard_slice_loss_high=self.hard_slice_loss.high if self.hard_slice_loss else None,
             is_production=self.built.is_production,
@@ -383,17 +397,28 @@ def compare_with_production(measured: list[MeasuredCandidate], reference: Refere
                 np.asarray(m.predictions) == reference.y_true, production_correct, bar.confidence, bar.bootstrap_samples)
 
 
+# Why a scored candidate that fails the bar is not timed (its MLflow run and decision.json say so).
+UNTIMED_FAILING = "it fails the quality bar, so its speed cannot change the decision"
+
+
 def time_candidates(measured: list[MeasuredCandidate], reference: Reference, evaluate: EvaluateSettings,
                     profile: HardwareProfile, traffic: TrafficSettings,
-                    progress: Callable[[int, int], None] | None = None, measure_memory: bool = True) -> None:
+                    progress: Callable[[int, int], None] | None = None, measure_memory: bool = True,
+                    passes: Callable[[MeasuredCandidate], bool] | None = None) -> None:
     """Time every scored candidate in interleaved rounds, measure its memory, and price it.
 
     Candidates that failed earlier are skipped; a candidate that fails here gets the error, the
-    others go on. `measure_memory=False` skips the memory probe (benchmarks that only re-time).
+    others go on. With `passes` (the quality bar on scores), a candidate that fails it is not timed
+    either: selection never looks at a failing candidate's speed, and timing is the run's largest
+    cost per candidate. The production model is always timed (its price is what a promotion saves
+    against). `measure_memory=False` skips the memory probe (benchmarks that only re-time).
     """
     sessions = {}
     for m in measured:
         if m.error or m.quality is None:
+            continue
+        if passes is not None and not m.built.is_production and not passes(m):
+            m.untimed_because = UNTIMED_FAILING
             continue
         try:
             sessions[m.built.name] = onnx_session(m.built.model_path, evaluate.intra_op_threads)

@@ -80,6 +80,9 @@ class Candidate:
     # Lower end of the paired interval of (this accuracy - production's accuracy) on the same rows;
     # None when there is no production model or this is it.
     accuracy_gain_vs_production_low: float | None = None
+    # Set when it was scored but never timed (it failed the bar first): without measured speed it
+    # cannot pass, whatever its numbers say (fail closed).
+    untimed_because: str | None = None
 
 
 @dataclass(frozen=True)
@@ -172,6 +175,9 @@ def judge(candidate: Candidate, reference: Reference, bar: QualityBar) -> Verdic
     elif bar.max_p95_latency_ms is not None and not candidate.latency_p95_ms <= bar.max_p95_latency_ms:
         verdict.passed_bar = False
         verdict.reason = f"p95 latency {candidate.latency_p95_ms:.2f} ms exceeds {bar.max_p95_latency_ms:.2f} ms"
+    elif candidate.untimed_because:
+        verdict.passed_bar = False
+        verdict.reason = f"failed: not timed ({candidate.untimed_because}), so it has no measured speed or price"
     return verdict
 
 

@@ -184,7 +184,7 @@ class EvaluateSettings(_Section):
     warmup_runs: int = Field(20, ge=0, description="Untimed runs before each timing.")
     latency_runs: int = Field(200, ge=10, description="Batch-1 runs timed for p50/p95, spread over the timing rounds.")
     throughput_batch_size: int = Field(32, ge=1, description="Serving batch size for throughput.")
-    throughput_batches: int = Field(8, ge=1, description="Batches timed per candidate per round.")
+    throughput_batches: int = Field(4, ge=1, description="Batches timed per candidate per round.")
     timing_rounds: int = Field(
         7, ge=3, description="Interleaved timing rounds: each round times every candidate once, in a rotating order, so a "
                              "disturbance hits all candidates alike instead of one.")

@@ -155,6 +155,35 @@ def test_a_clearly_failing_candidate_is_screened_out_after_the_first_rows_and_ne
     assert bad.speed is None and bad.cost is None and good.speed is not None  # never timed
 
 
+def test_a_candidate_failing_the_bar_on_its_scores_is_not_timed_and_keeps_its_quality_reason(reference, tmp_path):
+    from tasks.candidates import UNTIMED_FAILING, BuiltCandidate, score_candidate, time_candidates
+    from tasks.decision import passes_quality
+    from tasks.selection import Reference as QualityReference
+    from tasks.selection import select
+    from tasks.settings import HardwareProfile, QualityBar, ScreeningSettings, TrafficSettings
+
+    ref, evaluate = reference
+    full = evaluate.model_copy(update={"screening": ScreeningSettings(enabled=False)})  # scored on every row
+    bar = QualityBar()
+    path = scrambled_head(ref.inputs.fp32_model, tmp_path / "scrambled.onnx", len(ref.card.labels))
+    bad = score_candidate(BuiltCandidate("scrambled", "fp32", "fp32", {}, "h", model_path=path, model_sha256="s"),
+                          ref, full, bar)
+    good = score_candidate(BuiltCandidate("fp32", "fp32", "fp32", {}, "h", model_path=ref.inputs.fp32_model,
+                                          model_sha256="f"), ref, full, bar)
+    assert bad.quality is not None and not bad.screened_out  # a full score, and it fails the bar
+    time_candidates([bad, good], ref, full, HardwareProfile(name="h", usd_per_hour=0.1),
+                    TrafficSettings(requests_per_month=1e6, peak_requests_per_second=10), measure_memory=False,
+                    passes=lambda m: passes_quality(m, ref, bar))
+    assert bad.speed is None and bad.cost is None and bad.untimed_because == UNTIMED_FAILING
+    assert good.speed is not None and good.cost is not None and good.untimed_because is None
+    decision = select([m.for_selection(ref.y_true) for m in (bad, good)],
+                      QualityReference(ref.quality.accuracy, ref.quality.hard_slice_accuracy), bar)
+    assert decision.winner == "fp32"
+    # The record says why it failed (its accuracy), not that it was untimed.
+    assert decision.verdicts["scrambled"].reason.startswith("accuracy ") and "not timed" not in decision.verdicts["scrambled"].reason
+    assert "throughput_per_s" not in bad.metrics(ref) and bad.metrics(ref)["accuracy"] == bad.quality.accuracy
+
+
 def test_screening_off_scores_every_row_with_the_same_predictions(reference):
     from tasks.candidates import BuiltCandidate, score_candidate
     from tasks.settings import QualityBar, ScreeningSettings

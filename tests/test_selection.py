@@ -349,3 +349,17 @@ def test_select_winner_is_never_slower_beyond_noise_and_ties_are_mutual(seed):
     fastest = max(field, key=lambda c: c.throughput_low_per_s)
     assert decision.verdicts[fastest.name].on_speed_frontier
     assert winner.monthly_cost_usd < math.inf
+
+
+def test_a_candidate_never_timed_cannot_pass_even_with_passing_quality_numbers():
+    """Fail closed: a scored candidate without measured speed has no price, so it is never the winner."""
+    untimed = Candidate(name="untimed", recipe="int8-dynamic", accuracy=0.93, hard_slice_accuracy=0.90,
+                        untimed_because="it fails the quality bar, so its speed cannot change the decision")
+    timed = Candidate(name="timed", recipe="int8-dynamic", accuracy=0.92, hard_slice_accuracy=0.90,
+                      throughput_per_s=200, throughput_low_per_s=190, throughput_high_per_s=210,
+                      monthly_cost_usd=500, size_mb=23)
+    decision = select([untimed, timed], Reference(0.93, 0.90), QualityBar())
+    assert decision.winner == "timed" and not decision.verdicts["untimed"].passed_bar
+    assert "not timed" in decision.verdicts["untimed"].reason
+    alone = select([untimed], Reference(0.93, 0.90), QualityBar())
+    assert alone.winner is None and not alone.promote
