@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -427,18 +428,20 @@ def time_candidates(measured: list[MeasuredCandidate], reference: Reference, eva
     if not sessions:
         return
     samples = time_interleaved(sessions, reference.latency_feeds, reference.throughput_feeds, evaluate, progress)
+    timed = [m for m in measured if m.built.name in samples and samples[m.built.name].error is None]
     for m in measured:
-        timing = samples.get(m.built.name)
-        if timing is None:
-            continue
-        if timing.error:
-            m.error = timing.error
-            continue
+        if m.built.name in samples and samples[m.built.name].error:
+            m.error = samples[m.built.name].error
+    # Memory probes run after the timing, several at once: each is its own process measuring its own
+    # peak, so they do not disturb each other's figure (and no timing runs beside them).
+    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        probes = {m.built.name: pool.submit(_probe_memory, m.built.model_path, reference.throughput_feeds[0],
+                                            evaluate.intra_op_threads, measure_memory) for m in timed}
+    for m in timed:
+        timing = samples[m.built.name]
         try:
-            probe_start = time.perf_counter()
-            memory = (peak_memory_mb(m.built.model_path, reference.throughput_feeds[0], evaluate.intra_op_threads)
-                      if measure_memory else float("nan"))
-            m.timing_seconds = timing.seconds + time.perf_counter() - probe_start
+            memory, probe_seconds = probes[m.built.name].result()
+            m.timing_seconds = timing.seconds + probe_seconds
             m.finished_at_ms = _now_ms()
             m.speed = summarize_speed(timing, evaluate.price_quantile, memory, file_size_mb(m.built.model_path))
             # Capacity is planned on a robust low quantile of the rounds: a fleet sized on the median
@@ -446,6 +449,13 @@ def time_candidates(measured: list[MeasuredCandidate], reference: Reference, eva
             m.cost = monthly_cost(m.speed.throughput_low_per_s, profile, traffic, m.speed.throughput_high_per_s)
         except Exception as exc:
             m.error = _one_line(exc)
+
+
+def _probe_memory(model_path: Path, feed: dict[str, np.ndarray], threads: int, measure: bool) -> tuple[float, float]:
+    """(peak memory MB, seconds the probe took); NaN memory when not measured."""
+    start = time.perf_counter()
+    memory = peak_memory_mb(model_path, feed, threads) if measure else float("nan")
+    return memory, time.perf_counter() - start
 
 
 def confirm(measured: MeasuredCandidate, reference: Reference, bar: QualityBar, threads: int) -> None:

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from tasks.model_io import length_sorted_batches, tokenize
+from tasks.model_io import length_sorted_batches, token_budget_batches, tokenize
 
 
 @dataclass(frozen=True)
@@ -43,10 +43,19 @@ def onnx_session(model_path: Path, threads: int):
 Batches = list[tuple[np.ndarray, dict[str, np.ndarray]]]
 
 
-def tokenized_batches(tokenizer, texts: Sequence[str], max_length: int, batch_size: int) -> Batches:
-    """Tokenize texts in length-sorted batches (little padding), keeping each batch's row indices."""
-    return [(idx, tokenize(tokenizer, [texts[i] for i in idx], max_length))
-            for idx in length_sorted_batches(texts, batch_size)]
+def tokenized_batches(tokenizer, texts: Sequence[str], max_length: int, batch_size: int,
+                      max_tokens: int | None = None) -> Batches:
+    """Tokenize texts in length-sorted batches (little padding), keeping each batch's row indices.
+
+    With `max_tokens`, rows are sorted by token length and a batch also holds at most that many
+    tokens once padded (see `token_budget_batches`); without it, `batch_size` rows by text length.
+    """
+    if max_tokens is None:
+        groups = list(length_sorted_batches(texts, batch_size))
+    else:
+        ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+        groups = token_budget_batches([len(row) for row in ids], batch_size, max_tokens)
+    return [(idx, tokenize(tokenizer, [texts[i] for i in idx], max_length)) for idx in groups]
 
 
 def predict_onnx(session, batches: Batches, rows: int) -> np.ndarray:

@@ -101,7 +101,8 @@ def prepare_reference(source_folder: Path, evaluation: pd.DataFrame, calibration
     # Hard intents come from the calibration split: never from FP32's predictions on scored rows.
     log.info("FP32 reference: scoring %d calibration rows (hard intents), then %d evaluation rows",
              len(calibration_texts), len(texts))
-    calibration_batches = tokenized_batches(tokenizer, calibration_texts, card.max_length, evaluate.batch_size)
+    calibration_batches = tokenized_batches(tokenizer, calibration_texts, card.max_length, evaluate.batch_size,
+                                            evaluate.batch_tokens)
     calibration_logits = predict_torch(classifier, calibration_batches, len(calibration_texts))
     hard_classes = least_confident_classes(calibration_logits, label_indices(calibration[LABEL].tolist(), card.labels),
                                            evaluate.worst_intents)
@@ -156,7 +157,8 @@ def _score_rows(classifier, tokenizer, card: ModelCard, texts: list[str], labels
     subset = [texts[i] for i in rows]
     batches, ends = [], []
     for wave in waves if waves is not None else [np.arange(len(subset))]:
-        for idx, feed in tokenized_batches(tokenizer, [subset[i] for i in wave], card.max_length, evaluate.batch_size):
+        for idx, feed in tokenized_batches(tokenizer, [subset[i] for i in wave], card.max_length, evaluate.batch_size,
+                                           evaluate.batch_tokens):
             batches.append((wave[idx], feed))
         ends.append(len(batches))
     y_true = label_indices([labels[i] for i in rows], card.labels)

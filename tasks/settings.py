@@ -157,9 +157,9 @@ class SpeedScreeningSettings(_Section):
 
     enabled: bool = Field(True, description="Screen candidates on short interleaved timing rounds before scoring; off "
                                             "scores and times every candidate in full.")
-    rounds: int = Field(4, ge=3, description="Interleaved screening rounds (paired per round; a t bound on R-1 degrees "
+    rounds: int = Field(5, ge=3, description="Interleaved screening rounds (paired per round; a t bound on R-1 degrees "
                                              "of freedom, so more rounds defer more surely).")
-    batches: int = Field(2, ge=1, description="Throughput batches (evaluate.throughput_batch_size texts) per candidate "
+    batches: int = Field(1, ge=1, description="Throughput batches (evaluate.throughput_batch_size texts) per candidate "
                                               "per screening round.")
     warmup_runs: int = Field(3, ge=0, description="Untimed batch-1 runs per candidate before the screening rounds.")
     alpha: float = Field(0.05, gt=0, lt=0.5, description="Per candidate, the most probability of deferring it when no "
@@ -171,7 +171,10 @@ class SpeedScreeningSettings(_Section):
 class EvaluateSettings(_Section):
     """How quality and speed are measured."""
 
-    batch_size: int = Field(64, ge=1, description="Batch size for the accuracy pass (texts sorted by length).")
+    batch_size: int = Field(64, ge=1, description="Most rows per batch of the accuracy pass (texts sorted by length).")
+    batch_tokens: int = Field(
+        1024, ge=1, description="Most tokens per batch of the accuracy pass once padded: short texts in large batches, "
+                                "long ones in small (a text longer than this is a batch of its own).")
     confirmation_fraction: float = Field(
         0.3, ge=0, lt=1, description="Stratified share of the evaluation rows held out to confirm the winner on rows not "
                                      "used to choose it (0 = no confirmation).")

@@ -3,8 +3,9 @@
 Selection picks the most accurate candidate among those as fast as the fastest passing one within
 noise (tasks/selection.py); a candidate slower than a passing rival beyond the noise never wins,
 whatever its accuracy. So before any full scoring every built candidate (production included) is
-timed in a few short interleaved rounds (`evaluate.speed_screening`: 4 rounds x 2 batches of 32 by
-default), and a candidate clearly slower than some rival is *deferred*: not scored, not timed.
+timed in a few short interleaved rounds (`evaluate.speed_screening`: 5 rounds x 1 batch of 32 by
+default: one more round buys more than a second batch, since the bound's t quantile falls from 5.6 to
+4.5), and a candidate clearly slower than some rival is *deferred*: not scored, not timed.
 Deferred is not deleted: once the rivals are scored, a deferred candidate whose every faster rival
 fails the quality bar is brought back and gets the full scoring and timing (`bring_back_deferred`);
 so the screen can only change the winner by a false deferral, whose rate is stated below.
@@ -28,10 +29,10 @@ for each candidate; a near-tie (ratio within the margin) is never deferred by de
 far less often than alpha. The production model is never deferred (it is always measured in full);
 it is a rival like the others.
 
-Worked example (10 candidates, 9 rivals, alpha 0.05, level 0.0056, R = 4, t = 5.63): FP32 at half
+Worked example (10 candidates, 9 rivals, alpha 0.05, level 0.0056, R = 5, t = 4.47): FP32 at half
 the throughput of per-channel INT8 (mean d = 0.69) with a round-to-round spread of 10% (sd 0.10)
-has LCB = 0.69 - 5.63 * 0.05 = 0.41 > log 1.1 = 0.095: deferred. A candidate 20% slower (d = 0.18)
-with the same spread has LCB = -0.10: measured in full.
+has LCB = 0.69 - 4.47 * 0.045 = 0.49 > log 1.1 = 0.095: deferred. A candidate 20% slower (d = 0.18)
+with the same spread has LCB = -0.02: measured in full.
 """
 
 from __future__ import annotations

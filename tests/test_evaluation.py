@@ -43,3 +43,22 @@ def test_quality_metrics_agreement_and_accuracy():
     assert q.agreement_with_fp32 == 0.5
     assert q.hard_slice_accuracy == 0.5
     assert 0 < q.macro_f1 < 1
+
+
+def test_token_budget_batches_cover_every_row_once_within_both_limits_and_pad_less():
+    from tasks.model_io import token_budget_batches
+
+    rng = np.random.default_rng(0)
+    # Banking77-like: mostly short queries, a long tail, and one text longer than the token budget.
+    lengths = np.concatenate([rng.integers(4, 20, 900), rng.integers(20, 90, 100), [300]])
+    batches = token_budget_batches(lengths, max_rows=64, max_tokens=1024)
+    rows = np.concatenate(batches)
+    assert sorted(rows.tolist()) == list(range(len(lengths)))  # every row exactly once
+    for batch in batches:
+        assert len(batch) <= 64
+        assert len(batch) * lengths[batch].max() <= 1024 or len(batch) == 1  # the 300-token text stands alone
+    padded = sum(len(b) * lengths[b].max() for b in batches)
+    fixed = np.sort(lengths)
+    padded_fixed = sum(len(fixed[i:i + 64]) * fixed[i:i + 64].max() for i in range(0, len(fixed), 64))
+    assert padded < padded_fixed  # the long tail no longer pads whole 64-row batches
+    assert [b.tolist() for b in token_budget_batches([5, 5, 5], max_rows=2, max_tokens=1000)] == [[0, 1], [2]]
