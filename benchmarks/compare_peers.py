@@ -69,6 +69,7 @@ def main() -> int:
     from flows.requantize import requantize
 
     start = time.perf_counter()
+    runtime.warm_start()  # as `requant run` does: Prefect's temporary server starts while libraries load
     summary = requantize(params_path=args.params, model_uri=str(source.folder), project_dir=str(project), force=True,
                          work_dir=str(tmp / "work"))
     search_seconds["requant"] = time.perf_counter() - start

@@ -43,7 +43,7 @@ def main() -> int:
     from tasks.benchmark import cpu_info
     from tasks.candidates import build_candidate, score_candidate, time_candidates
     from tasks.data_version import reproduce
-    from tasks.decision import check_reference, confirm_winner
+    from tasks.decision import check_reference, confirm_winner, passes_quality
     from tasks.reference import prepare_reference
     from tasks.search_space import expand_all
     from tasks.selection import Reference as QualityReference
@@ -75,7 +75,9 @@ def main() -> int:
     winners, prices, over_bar = collections.Counter(), collections.defaultdict(list), []
     for run in range(args.runs):
         measured = [replace(m, speed=None, cost=None, confirmation=None) for m in scored]  # fresh timing, same scores
-        time_candidates(measured, reference, evaluate, profile, settings.cost.traffic, measure_memory=False)
+        # As in the flow: only candidates that pass the bar on their scores are timed.
+        time_candidates(measured, reference, evaluate, profile, settings.cost.traffic, measure_memory=False,
+                        passes=lambda m: passes_quality(m, reference, settings.quality_bar))
         decision = select([m.for_selection(reference.y_true) for m in measured], quality, settings.quality_bar)
         winner = next((m for m in measured if m.built.name == decision.winner), None)
         confirmation = confirm_winner(winner, decision, reference, settings)

@@ -51,6 +51,39 @@ def configure(verbose: bool = False) -> None:
 
 
 
+# Libraries a requantize run imports on its way (validation, the FP32 reference, quantization): a few
+# seconds of imports on a 2-core host, and they fit in the wait for Prefect's temporary server.
+PRELOAD = ("great_expectations", "torch", "transformers", "onnxruntime.quantization")
+
+
+def warm_start(preload: tuple[str, ...] = PRELOAD) -> None:
+    """Start Prefect's temporary server, when this run needs one, and import `preload` while it starts.
+
+    Without a Prefect API URL, the first flow call starts a temporary server (a subprocess) and
+    waits for it doing nothing, ~5 s here; the libraries a run imports later take as long. The
+    server is started in a background thread (the same instance Prefect's client uses, so the flow
+    finds it running), and the imports run in this thread meanwhile: only the wait is in the
+    background, since two threads importing packages that share dependencies can each see the
+    other's half-initialised modules. With a server configured, it only imports.
+    """
+    import importlib
+    import threading
+
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    starting = None
+    if not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        from prefect.server.api.server import SubprocessASGIServer
+
+        # A failed start is not lost: the flow's own client starts the server again and reports why.
+        starting = threading.Thread(target=SubprocessASGIServer().start, name="prefect-temporary-server", daemon=True)
+        starting.start()
+    for module in preload:
+        importlib.import_module(module)
+    if starting is not None:
+        starting.join()
+
+
 def _drop_known_advice(record: logging.LogRecord) -> bool:
     # onnxruntime's quantizer repeats this advice for every call; requant's recipes decide
     # pre-processing themselves (see tasks/recipes/int8_static.py). GX warns about each ephemeral

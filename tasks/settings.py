@@ -164,8 +164,9 @@ class SpeedScreeningSettings(_Section):
     warmup_runs: int = Field(3, ge=0, description="Untimed batch-1 runs per candidate before the screening rounds.")
     alpha: float = Field(0.05, gt=0, lt=0.5, description="Per candidate, the most probability of deferring it when no "
                                                          "rival is more than `margin` faster (Bonferroni over rivals).")
-    margin: float = Field(0.10, ge=0, description="A rival must be more than this much faster (0.10 = 10%) beyond noise; "
-                                                  "near-ties always get the full measurement.")
+    margin: float = Field(0.05, ge=0, description="A rival must be more than this much faster (0.05 = 5%) beyond noise; "
+                                                  "near-ties always get the full measurement. 5% is selection's own "
+                                                  "quality_bar.speed_noise_margin: slower than that never wins.")
 
 
 class EvaluateSettings(_Section):

@@ -17,8 +17,9 @@ t lower confidence bound on the mean log ratio,
 
     LCB = mean(d) - t_{1-level, R-1} * sd(d) / sqrt(R),
 
-must exceed log(1 + margin) (default margin 10%), and the rival must be faster in every round; then
-the candidate is deferred against that rival. Null hypothesis: the rival is at most `margin`
+must exceed log(1 + margin), and the rival must be faster in every round; then the candidate is
+deferred against that rival. The default margin, 5%, is selection's own `speed_noise_margin`: a
+candidate slower than a passing rival by more than that is never on the speed frontier. Null hypothesis: the rival is at most `margin`
 faster (true mean log ratio <= log(1 + margin)); with per-round log ratios independent and normal
 (interleaving removes the shared part), a deferral under it has probability <= level. The level is
 alpha / (number of rivals) (Bonferroni over the rivals a candidate is compared with), so
@@ -31,7 +32,7 @@ it is a rival like the others.
 
 Worked example (10 candidates, 9 rivals, alpha 0.05, level 0.0056, R = 5, t = 4.47): FP32 at half
 the throughput of per-channel INT8 (mean d = 0.69) with a round-to-round spread of 10% (sd 0.10)
-has LCB = 0.69 - 4.47 * 0.045 = 0.49 > log 1.1 = 0.095: deferred. A candidate 20% slower (d = 0.18)
+has LCB = 0.69 - 4.47 * 0.045 = 0.49 > log 1.05 = 0.049: deferred. A candidate 20% slower (d = 0.18)
 with the same spread has LCB = -0.02: measured in full.
 """
 
@@ -118,7 +119,7 @@ def defer_slower(rates: dict[str, list[float]], alpha: float, margin: float,
         rates: candidate -> throughput per round (every list the same rounds, in the same order).
         alpha: per candidate, the most probability of deferring it when no rival is more than
             `margin` faster.
-        margin: relative speed advantage a rival must clear (0.10: more than 10% faster).
+        margin: relative speed advantage a rival must clear (0.05: more than 5% faster).
         protected: candidates never deferred (the production model); they are still rivals.
 
     Returns:
