@@ -50,7 +50,6 @@ def configure(verbose: bool = False) -> None:
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
 
 
-
 # Libraries a requantize run imports on its way (validation, the FP32 reference, quantization): a few
 # seconds of imports on a 2-core host, and they fit in the wait for Prefect's temporary server.
 PRELOAD = ("great_expectations", "torch", "transformers", "onnxruntime.quantization")

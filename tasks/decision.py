@@ -88,6 +88,7 @@ def candidate_record(m: MeasuredCandidate, reference: Reference) -> dict:
     """One candidate in decision.json: what it is, how it was built, every number measured."""
     return {"recipe": m.built.recipe, "config_hash": m.built.config_hash, "built_by": m.built.built_by,
             "config": m.built.config, "error": m.error, "is_production": m.built.is_production,
+            "untimed_because": m.untimed_because,
             "model_sha256": m.built.model_sha256, "reused": m.built.reused, "rebuilt_because": m.built.rebuilt_because,
             "relative_accuracy_loss_interval": m.accuracy_loss.as_list() if m.accuracy_loss else None,
             "hard_slice_relative_loss_interval": m.hard_slice_loss.as_list() if m.hard_slice_loss else None,

@@ -182,6 +182,9 @@ def test_a_candidate_failing_the_bar_on_its_scores_is_not_timed_and_keeps_its_qu
     # The record says why it failed (its accuracy), not that it was untimed.
     assert decision.verdicts["scrambled"].reason.startswith("accuracy ") and "not timed" not in decision.verdicts["scrambled"].reason
     assert "throughput_per_s" not in bad.metrics(ref) and bad.metrics(ref)["accuracy"] == bad.quality.accuracy
+    from tasks.decision import candidate_record
+
+    assert candidate_record(bad, ref)["untimed_because"] == UNTIMED_FAILING  # decision.json says why
 
 
 def test_screening_off_scores_every_row_with_the_same_predictions(reference):
