@@ -43,9 +43,9 @@ def main() -> int:
         from flows.requantize import requantize
 
         start = time.perf_counter()
-        runtime.warm_start()  # as `requant run` does: Prefect's temporary server starts while libraries load
-        summary = requantize(params_path=args.params, model_uri=str(source.folder), project_dir=str(project),
-                             force=True, work_dir=str(Path(tmp) / "work"))
+        with runtime.prefect_api():  # as `requant run`: its temporary Prefect server starts while libraries load
+            summary = requantize(params_path=args.params, model_uri=str(source.folder), project_dir=str(project),
+                                 force=True, work_dir=str(Path(tmp) / "work"))
         total = time.perf_counter() - start
 
     host = cpu_info()

@@ -169,9 +169,9 @@ def _run(args) -> int:
     from flows.runners import requantize_for, require_prefect_api
 
     require_prefect_api()
-    runtime.warm_start()  # Prefect's temporary server starts while the model libraries load
-    summary = requantize_for(settings)(params_path=args.params, model_uri=args.model, project_dir=args.project,
-                                       force=args.force)
+    with runtime.prefect_api():  # a temporary server, if none is configured, starts while libraries load
+        summary = requantize_for(settings)(params_path=args.params, model_uri=args.model, project_dir=args.project,
+                                           force=args.force)
     if args.json:
         print(json.dumps(summary.__dict__, indent=2, default=str))
         return 0

@@ -2,6 +2,11 @@
 
 import logging
 import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from typing import Iterator
 
 DEFAULTS = {
     # No network here: Prefect's analytics and GX's usage stats would only time out.
@@ -55,32 +60,87 @@ def configure(verbose: bool = False) -> None:
 PRELOAD = ("great_expectations", "torch", "transformers", "onnxruntime.quantization")
 
 
-def warm_start(preload: tuple[str, ...] = PRELOAD) -> None:
-    """Start Prefect's temporary server, when this run needs one, and import `preload` while it starts.
+@contextmanager
+def prefect_api(preload: tuple[str, ...] = PRELOAD, timeout_s: float = 180.0) -> Iterator[str | None]:
+    """The Prefect API for one run: the configured server, or a temporary one for the duration.
 
-    Without a Prefect API URL, the first flow call starts a temporary server (a subprocess) and
-    waits for it doing nothing, ~5 s here; the libraries a run imports later take as long. The
-    server is started in a background thread (the same instance Prefect's client uses, so the flow
-    finds it running), and the imports run in this thread meanwhile: only the wait is in the
-    background, since two threads importing packages that share dependencies can each see the
-    other's half-initialised modules. With a server configured, it only imports.
+    Without a Prefect API URL, Prefect itself would start a temporary server at the first flow call
+    (importing its server code here first, ~3 s, then waiting ~5 s for the subprocess doing
+    nothing). Here the same server process (uvicorn on Prefect's app factory, 127.0.0.1, a free
+    port, UI and background services off, as Prefect starts it) is spawned at once, the libraries a
+    run loads later (`preload`) are imported while it starts, and it is stopped (by its PID) on the
+    way out. With a server configured it only imports. Yields the temporary server's URL, or None.
+
+    Raises:
+        RequantError: the temporary server did not answer within timeout_s (its exit code is given).
     """
     import importlib
-    import threading
 
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_EPHEMERAL_ENABLED,
+        get_current_settings,
+        temporary_settings,
+    )
 
-    starting = None
-    if not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        from prefect.server.api.server import SubprocessASGIServer
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        for module in preload:
+            importlib.import_module(module)
+        yield None
+        return
+    server, url = _spawn_prefect_server(get_current_settings().to_environment_variables(exclude_unset=True))
+    try:
+        for module in preload:
+            importlib.import_module(module)
+        _wait_healthy(server, url, timeout_s)
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
-        # A failed start is not lost: the flow's own client starts the server again and reports why.
-        starting = threading.Thread(target=SubprocessASGIServer().start, name="prefect-temporary-server", daemon=True)
-        starting.start()
-    for module in preload:
-        importlib.import_module(module)
-    if starting is not None:
-        starting.join()
+
+def _spawn_prefect_server(settings_env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """Start Prefect's API app under uvicorn on 127.0.0.1 and a free port, as Prefect's own temporary server."""
+    import socket
+
+    import prefect
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, **settings_env,
+           # What Prefect sets for its temporary server: no UI, no background services, final shutdown.
+           "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+         "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+         "--log-level", "error", "--lifespan", "on"], env=env)
+    return server, f"http://127.0.0.1:{port}/api"
+
+
+def _wait_healthy(server: subprocess.Popen, url: str, timeout_s: float) -> None:
+    import urllib.error
+    import urllib.request
+
+    from tasks.errors import RequantError
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            break
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.1)
+    why = f"exit code {server.returncode}" if server.poll() is not None else f"no answer in {timeout_s:.0f} s"
+    raise RequantError(f"Prefect's temporary server did not start ({why}): start one (`prefect server start`) "
+                       "and set PREFECT_API_URL, or check the database under PREFECT_HOME")
 
 
 def _drop_known_advice(record: logging.LogRecord) -> bool:
