@@ -88,11 +88,17 @@ def prefect_api(preload: tuple[str, ...] = PRELOAD, timeout_s: float = 180.0) ->
             importlib.import_module(module)
         yield None
         return
-    server, url = _spawn_prefect_server(get_current_settings().to_environment_variables(exclude_unset=True))
+    settings_env = get_current_settings().to_environment_variables(exclude_unset=True)
+    server, url = _spawn_prefect_server(settings_env)
     try:
         for module in preload:
             importlib.import_module(module)
-        _wait_healthy(server, url, timeout_s)
+        # A server that exits at once is started again, as Prefect does: two runs starting together on
+        # one Prefect database race on its migrations (exit code 3), and the second try finds them done.
+        for attempt in range(3):
+            if _wait_healthy(server, url, timeout_s, raise_error=attempt == 2):
+                break
+            server, url = _spawn_prefect_server(settings_env)
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield url
     finally:
@@ -123,7 +129,8 @@ def _spawn_prefect_server(settings_env: dict[str, str]) -> tuple[subprocess.Pope
     return server, f"http://127.0.0.1:{port}/api"
 
 
-def _wait_healthy(server: subprocess.Popen, url: str, timeout_s: float) -> None:
+def _wait_healthy(server: subprocess.Popen, url: str, timeout_s: float, raise_error: bool = True) -> bool:
+    """True once the server answers; False if it exited (unless `raise_error`), RequantError otherwise."""
     import urllib.error
     import urllib.request
 
@@ -132,10 +139,12 @@ def _wait_healthy(server: subprocess.Popen, url: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.poll() is not None:
+            if not raise_error:
+                return False
             break
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return
+                return True
         except (urllib.error.URLError, OSError):
             time.sleep(0.1)
     why = f"exit code {server.returncode}" if server.poll() is not None else f"no answer in {timeout_s:.0f} s"
