@@ -21,12 +21,11 @@ def decided(tmp_path_factory, tiny_model_folder, prefect_server):
     from flows.requantize import requantize
 
     tmp = tmp_path_factory.mktemp("ui")
-    # The speed screen off: every candidate here is scored and FP32 is priced (the savings vs FP32 below),
-    # whatever the tiny models' timing says.
+    # tiny_project keeps the speed screen off: every candidate here is scored and FP32 is priced (the savings
+    # vs FP32 below), whatever the tiny models' timing says.
     project = tiny_project(tmp, tiny_model_folder, quantize={"candidates": [
         {"name": "fp32", "recipe": "fp32"},
-        {"name": "int8-dynamic", "recipe": "int8-dynamic", "config": {"per_channel": [False, True]}}]},
-        evaluate={"speed_screening": {"enabled": False}})
+        {"name": "int8-dynamic", "recipe": "int8-dynamic", "config": {"per_channel": [False, True]}}]})
     summary = requantize(params_path=str(project / "params.yaml"), model_uri=str(tiny_model_folder))
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     children = client.search_runs([client.get_run(summary.parent_run_id).info.experiment_id],
