@@ -11,8 +11,10 @@ two ways at once:
   production alias moves) raises again if anything swallowed the first raise.
 
 A watchdog ends the process `GRACE_S` seconds after the first signal if unwinding is stuck (a
-long native call, a worker thread that cannot be interrupted); file locks die with the process.
-This module imports neither Prefect nor MLflow.
+long native call, a worker thread that cannot be interrupted, a library lock left held by the raise);
+file locks die with the process. Before it does, it runs the "last words" registered with
+`on_forced_exit` (the tracker marks its MLflow run KILLED with the reason), for at most
+`LAST_WORDS_S` seconds in all. This module imports neither Prefect nor MLflow.
 """
 
 from __future__ import annotations
@@ -21,14 +23,18 @@ import os
 import signal
 import sys
 import threading
+import time
+from typing import Callable
 
 GRACE_S = 30.0
+LAST_WORDS_S = 5.0
 HANDLED = (signal.SIGINT, signal.SIGTERM)
 
 _lock = threading.Lock()
 _received: Interrupted | None = None
 _signals_seen = 0
 _phase = "setup"
+_last_words: dict[int, Callable[[str], None]] = {}
 
 
 class Interrupted(BaseException):
@@ -69,6 +75,23 @@ def check() -> None:
     """Raise `Interrupted` if a signal was received (even if its first raise was swallowed)."""
     if _received is not None:
         raise Interrupted(_received.signum, _received.phase)
+
+
+def on_forced_exit(action: Callable[[str], None]) -> Callable[[], None]:
+    """Have `action(reason)` run if the watchdog has to end the process; return a function that undoes it.
+
+    For what must outlive a stuck unwinding: recording why the run stopped somewhere durable. The
+    action runs in the watchdog's thread, bounded by LAST_WORDS_S, and its errors are ignored.
+    """
+    # No lock: a signal can land while this runs, and its handler must never wait on one held here
+    # (a dict's item set and pop are atomic in CPython).
+    key = id(action)
+    _last_words[key] = action
+
+    def forget() -> None:
+        _last_words.pop(key, None)
+
+    return forget
 
 
 def reason(exc: BaseException) -> str:
@@ -118,9 +141,30 @@ def _handler_chaining(previous):
 
 
 def _start_watchdog() -> None:
-    timer = threading.Timer(GRACE_S, _exit_now)
+    timer = threading.Timer(GRACE_S, _forced_exit)
     timer.daemon = True
     timer.start()
+
+
+def _forced_exit() -> None:
+    """The unwinding did not finish in GRACE_S: say the last words (bounded), then end the process."""
+    stop = str(_received or Interrupted(signal.SIGTERM, _phase))
+    # All at once, each in a daemon thread: one that hangs (a server that does not answer) neither
+    # holds the exit nor takes the others' time.
+    speakers = [threading.Thread(target=_quietly, args=(action, stop), daemon=True) for action in list(_last_words.values())]
+    for speaker in speakers:
+        speaker.start()
+    deadline = time.monotonic() + LAST_WORDS_S
+    for speaker in speakers:
+        speaker.join(max(0.0, deadline - time.monotonic()))
+    _exit_now()
+
+
+def _quietly(action: Callable[[str], None], stop: str) -> None:
+    try:
+        action(stop)
+    except Exception:  # noqa: BLE001 - the process is ending either way; the error line says why
+        pass
 
 
 def _exit_now() -> None:

@@ -239,12 +239,28 @@ class Tracker:
         run = self.client.create_run(self.experiment_id(), run_name=run_name,
                                      tags={**lineage_tags(), **tags, TAG_PROCESS: process_identity()})
         run_id = run.info.run_id
+        # If a signal's unwinding gets stuck and the watchdog ends the process, the run still ends KILLED.
+        forget = interrupts.on_forced_exit(lambda reason: self._mark_killed(run_id, reason))
         try:
             yield run_id
         except BaseException as exc:
             self._end_failed(run_id, exc)
             raise
+        finally:
+            forget()
         self.client.set_terminated(run_id, "FINISHED")
+
+    def _mark_killed(self, run_id: str, reason: str) -> None:
+        """Last words before a forced exit: the run ends KILLED with the reason (one attempt per call).
+
+        A client of its own: the stuck main thread may hold the shared one's connection.
+        """
+        from mlflow import MlflowClient
+
+        with _single_attempt_requests():
+            client = MlflowClient(self.uri)
+            client.set_tag(run_id, TAG_FAILURE, reason[:5000])
+            client.set_terminated(run_id, "KILLED")
 
     def _end_failed(self, run_id: str, exc: BaseException) -> None:
         """Mark the run FAILED (KILLED when a signal stopped it) with the reason: best effort, bounded.

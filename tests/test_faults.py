@@ -482,7 +482,8 @@ def test_stop_in_phase_leaves_production_and_results_alone(world, signame, phase
         verdict.check(done.after_fault_s < STOP_LIMIT_S, f"took {done.after_fault_s:.0f} s to stop after {signame}")
         run = run_of(client, since)
         verdict.check(run is not None and run.info.status in ("KILLED", "FAILED"),
-                      f"parent run is {run and run.info.status}, expected KILLED")
+                      f"parent run is {run and run.info.status}, expected KILLED (the run said {done.errors}, "
+                      f"{done.after_fault_s:.0f} s after the signal)")
         reason = run.data.tags.get("requant.failure", "") if run else ""
         verdict.check(re.fullmatch(rf"interrupted by {signame} during \w+", reason) is not None,
                       f"failure tag {reason!r} does not name the signal and phase")

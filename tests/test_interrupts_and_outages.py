@@ -98,3 +98,50 @@ def test_tracking_service_failure_is_one_line_naming_the_server(tmp_path, monkey
     assert line is not None and "\n" not in line
     assert tracker.uri in line and "did not answer" in line
     assert service_failure(ValueError("a bug")) is None
+
+
+# A run whose unwinding gets stuck after SIGTERM (here: a loop that swallows every raise, as a library
+# lock left held by the raise would): the watchdog must end it, and its MLflow run must still end KILLED.
+STUCK_RUN = """
+import sys, time
+from tasks import interrupts
+from tasks.settings import RegistrySettings
+from tasks.tracking import Tracker
+
+interrupts.GRACE_S = 1.0
+interrupts.install()
+interrupts.enter_phase("data")
+tracker = Tracker(RegistrySettings(tracking_uri=sys.argv[1], artifact_location=sys.argv[2]))
+interrupts.on_forced_exit(lambda reason: time.sleep(3600))  # a last word that hangs cannot hold the exit
+with tracker.parent_run("requantize", {}) as run_id:
+    print(run_id, flush=True)
+    while True:
+        try:
+            time.sleep(60)
+        except BaseException:
+            pass
+"""
+
+
+def test_forced_exit_after_a_stuck_unwinding_still_ends_the_mlflow_run_killed(tmp_path):
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the sqlite store given
+    child = subprocess.Popen([sys.executable, "-c", STUCK_RUN, uri, str(tmp_path / "art")], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+    run_id = child.stdout.readline().strip()
+    assert run_id, child.stderr.read()
+    start = time.monotonic()
+    child.send_signal(signal.SIGTERM)
+    _, stderr = child.communicate(timeout=60)
+    assert child.returncode == 128 + signal.SIGTERM, stderr
+    assert time.monotonic() - start < 1.0 + interrupts.LAST_WORDS_S + 10  # grace + bounded last words
+    assert [line for line in stderr.splitlines() if line.startswith("error:")] == [
+        "error: interrupted by SIGTERM during data: stopped without waiting for cleanup; nothing was promoted after the signal"]
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["requant.failure"] == "interrupted by SIGTERM during data"
