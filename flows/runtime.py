@@ -112,13 +112,11 @@ def prefect_api(preload: tuple[str, ...] = PRELOAD, timeout_s: float = 180.0) ->
 
 def _spawn_prefect_server(settings_env: dict[str, str]) -> tuple[subprocess.Popen, str]:
     """Start Prefect's API app under uvicorn on 127.0.0.1 and a free port, as Prefect's own temporary server."""
-    import socket
-
     import prefect
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    from tasks.loadtest import free_port
+
+    port = free_port()
     env = {**os.environ, **settings_env,
            # What Prefect sets for its temporary server: no UI, no background services, final shutdown.
            "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
