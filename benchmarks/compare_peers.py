@@ -48,6 +48,7 @@ def main() -> int:
 
     from tasks.benchmark import cpu_info, measure_speed
     from tasks.cost import monthly_cost
+    from tasks.data_version import reproduce_for_params
     from tasks.evaluation import onnx_session, predict_onnx, quality_metrics
     from tasks.model_io import ENCODER_DIR
     from tasks.quality_gate import paired_relative_loss
@@ -85,13 +86,14 @@ def main() -> int:
     models["optimum avx2 dynamic"] = optimum_one_line(fp32, tmp / "optimum")
     search_seconds["optimum"] = time.perf_counter() - start
 
-    evaluation = pd.read_csv(settings.data.output_dir / "evaluation.csv", dtype=str, keep_default_na=False)
-    calibration = pd.read_csv(settings.data.output_dir / "calibration.csv", dtype=str, keep_default_na=False)
+    data = reproduce_for_params(args.params)  # the data the flow just used (a no-op `dvc repro`)
+    evaluation = pd.read_csv(data.evaluation_path, dtype=str, keep_default_na=False)
+    calibration = pd.read_csv(data.calibration_path, dtype=str, keep_default_na=False)
     reference = prepare_reference(source.folder, evaluation, calibration, tmp / "reference", settings.model,
                                   settings.evaluate, settings.quantize.calibration_batch_size)
     if args.olive_python:
         path, seconds, tried = olive_search(args.olive_python, fp32, source.folder / ENCODER_DIR, reference.card.labels,
-                                            settings.data.output_dir / "evaluation.csv", tmp / "olive", args.olive_max_iter)
+                                            data.evaluation_path, tmp / "olive", args.olive_max_iter)
         models[f"olive ({tried} configs)"] = path
         search_seconds["olive"] = seconds
 

@@ -42,7 +42,7 @@ def main() -> int:
 
     from tasks.benchmark import cpu_info
     from tasks.candidates import build_candidate, score_candidate, time_candidates
-    from tasks.data_version import reproduce
+    from tasks.data_version import reproduce_for_params
     from tasks.decision import check_reference, confirm_winner, passes_quality
     from tasks.reference import prepare_reference
     from tasks.search_space import expand_all
@@ -61,7 +61,7 @@ def main() -> int:
     host = cpu_info()
     profile = settings.cost.host_profile(host["cpu_model"])
     source = Tracker(settings.registry).fetch_source(settings.model.source_uri, project / "models" / "source")
-    data = reproduce(project, settings.data.output_dir)
+    data = reproduce_for_params(args.params)  # as `requant run --params`: that file's own data stage
     calibration = pd.read_csv(data.calibration_path, dtype=str, keep_default_na=False)
     evaluation = pd.read_csv(data.evaluation_path, dtype=str, keep_default_na=False)
     reference = prepare_reference(source.folder, evaluation, calibration, work_dir / "sources" / source.digest[:16],

@@ -63,7 +63,7 @@ def main() -> int:
     profile = settings.cost.host_profile(host["cpu_model"])
     source = Tracker(settings.registry).fetch_source(args.model or settings.model.source_uri, project / "models" / "source")
     family = open_model(source.folder, settings.model.family, settings.model.max_length)
-    data = data_version.reproduce(project, settings.data.output_dir, Path(args.params).resolve())
+    data = data_version.reproduce_for_params(args.params)  # as `requant run --params`
     calibration = pd.read_csv(data.calibration_path, dtype=str, keep_default_na=False)
     evaluation = pd.read_csv(data.evaluation_path, dtype=str, keep_default_na=False)
 

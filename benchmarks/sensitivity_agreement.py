@@ -29,6 +29,7 @@ def main() -> int:
     import pandas as pd
 
     from tasks.benchmark import cpu_info
+    from tasks.data_version import reproduce_for_params
     from tasks.recipes.base import parse_config
     from tasks.reference import prepare_reference
     from tasks.sensitivity import rank_groups, ranking_agreement, spread_rows
@@ -39,8 +40,9 @@ def main() -> int:
     samples = args.samples or settings.search.sensitivity_samples
     project = Path(args.params).resolve().parent
     source = Tracker(settings.registry).fetch_source(settings.model.source_uri, project / "models" / "source")
-    evaluation = pd.read_csv(settings.data.output_dir / "evaluation.csv", dtype=str, keep_default_na=False)
-    calibration = pd.read_csv(settings.data.output_dir / "calibration.csv", dtype=str, keep_default_na=False)
+    data = reproduce_for_params(args.params)  # as `requant run --params`: that file's own data stage
+    evaluation = pd.read_csv(data.evaluation_path, dtype=str, keep_default_na=False)
+    calibration = pd.read_csv(data.calibration_path, dtype=str, keep_default_na=False)
     with tempfile.TemporaryDirectory() as tmp:
         reference = prepare_reference(source.folder, evaluation.head(200), calibration, Path(tmp) / "ref",
                                       settings.model, settings.evaluate, settings.quantize.calibration_batch_size)

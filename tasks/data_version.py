@@ -92,6 +92,27 @@ def reproduce(project_dir: Path, output_dir: Path, params_path: Path | None = No
     return read_lock(project_dir, output_dir, dvcfile)
 
 
+def reproduce_for_params(params_path: Path | str, project_dir: Path | str | None = None) -> DataVersion:
+    """The prepared data of `params_path`, resolved as `requant run --params` resolves it.
+
+    The flow and every tool that takes `--params` (benchmarks included) go through here or through
+    `reproduce` with the same arguments, so `--params other.yaml` reads `stages/other/`'s data and
+    lock, never the root `dvc.lock` of params.yaml.
+
+    Args:
+        params_path: the params file given on the command line.
+        project_dir: the DVC project; default: the folder of `params_path` (as `requant run`).
+
+    Raises:
+        DataError: as `reproduce`.
+    """
+    from tasks.settings import load_settings
+
+    params_path = Path(params_path).resolve()
+    project = Path(project_dir).resolve() if project_dir else params_path.parent
+    return reproduce(project, load_settings(params_path).data.output_dir, params_path)
+
+
 def write_params_stage(project_dir: Path, params_path: Path) -> Path:
     """Write (or refresh) the `prepare_data` stage that reads `params_path`; return its dvc.yaml.
 
