@@ -13,7 +13,8 @@ The same services as infra/docker-compose.yml, with the same variables and permi
 Everything lives under a state folder (default `.stack/`, git-ignored): `secrets.env` (generated
 once, mode 600, kept: a restarted MLflow must decrypt the webhook secrets it stored), `ports.env`
 (free ports chosen once, or STACK_<SERVICE>_PORT), `env` (what a requant client exports: `source
-.stack/env`), `pids/`, `logs/` and the PostgreSQL data. Processes are stopped by their PID (each
+.stack/env`), `pids/`, `logs/` and the PostgreSQL data (`postgres/`; as root, from a folder the `postgres`
+user cannot enter, a link to its home: see postgres_data_dir). Processes are stopped by their PID (each
 leads its own process group, so a worker's flow-run children go with it).
 """
 
@@ -259,19 +260,58 @@ def _as_postgres(command: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
 
 
+def _postgres_can_enter(folder: Path) -> bool:
+    """Whether the `postgres` user can reach `folder` (execute on it and on every folder above it)."""
+    done = subprocess.run(_as_postgres(["test", "-x", str(folder)]), capture_output=True, cwd="/", check=False)
+    return done.returncode == 0
+
+
+def postgres_data_dir(stack: Stack) -> Path:
+    """The PostgreSQL data folder of this stack: STATE/postgres, or where that link points.
+
+    As root, PostgreSQL runs as the `postgres` user, which cannot enter a private folder (a home
+    folder, a `mktemp -d` folder: mode 0700). Then the data lives under that user's home,
+    `~postgres/requant-stack/<hash of STATE>/`, and STATE/postgres is a link to it: `up`, `down` and
+    `restart` find it there, and two stacks never share one. Chosen once, on the first start.
+
+    Raises:
+        StackError: the `postgres` user can reach neither STATE nor its own home folder.
+    """
+    link = stack.state / "postgres"
+    if link.is_symlink() or link.exists():
+        return link.resolve()
+    if os.geteuid() != 0 or _postgres_can_enter(stack.state):
+        return link
+    import hashlib
+    import pwd
+
+    home = Path(pwd.getpwnam("postgres").pw_dir)
+    data = home / "requant-stack" / hashlib.sha256(str(stack.state).encode()).hexdigest()[:16]
+    if not _postgres_can_enter(home):
+        raise StackError(f"the postgres user cannot enter {stack.state} (a private folder?) nor its home {home}: pass "
+                         "--state DIR (or STACK_STATE) in a folder it can enter, e.g. /var/tmp/requant-stack")
+    _run(_as_postgres(["mkdir", "-p", "-m", "700", str(data)]), cwd=Path("/"), what=f"mkdir {data}")
+    link.symlink_to(data, target_is_directory=True)
+    print(f"PostgreSQL data: {data} (the postgres user cannot enter {stack.state}; {link} links there)",
+          file=sys.stderr)
+    return data
+
+
 def _start_postgres(stack: Stack) -> None:
-    pg, data, port = _pg_bin(), stack.state / "postgres", stack.ports()["postgres"]
+    pg, data, port = _pg_bin(), postgres_data_dir(stack), stack.ports()["postgres"]
     fresh = not (data / "PG_VERSION").is_file()
+    # The postgres user's commands run from /: it may not be able to enter the caller's working folder
+    # (initdb fails on one it cannot change to).
     if fresh:
         data.mkdir(exist_ok=True)
         if os.geteuid() == 0:
             shutil.chown(data, "postgres", "postgres")
         # Local socket: trust (only the stack's own set-up uses it); TCP: passwords (scram).
         _run(_as_postgres([str(pg / "initdb"), "-D", str(data), "-U", "postgres", "--auth-local=trust",
-                           "--auth-host=scram-sha-256", "-E", "UTF8"]), what="initdb")
+                           "--auth-host=scram-sha-256", "-E", "UTF8"]), cwd=Path("/"), what="initdb")
     if not stack.pid("postgres"):
         _run(_as_postgres([str(pg / "pg_ctl"), "-D", str(data), "-l", str(data / "server.log"), "-w", "-t", "60",
-                           "-o", f"-h {HOST} -p {port} -k {data}", "start"]), what="pg_ctl start")
+                           "-o", f"-h {HOST} -p {port} -k {data}", "start"]), cwd=Path("/"), what="pg_ctl start")
         pid = (data / "postmaster.pid").read_text().split()[0]
         (stack.pids / "postgres.pid").write_text(pid)
     if fresh:
@@ -284,13 +324,13 @@ def _start_postgres(stack: Stack) -> None:
 
 
 def _stop_postgres(stack: Stack) -> bool:
-    data = stack.state / "postgres"
+    data = (stack.state / "postgres").resolve()  # through the link to the postgres user's home, if any
     running = stack.pid("postgres")
     (stack.pids / "postgres.pid").unlink(missing_ok=True)
     if not running:
         return False
     subprocess.run(_as_postgres([str(_pg_bin() / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
-                   capture_output=True, check=False)
+                   capture_output=True, cwd="/", check=False)
     return True
 
 
