@@ -25,7 +25,7 @@ BUDGET = {"start_rps": 4, "step_factor": 2, "step_seconds": 2, "max_steps": 3, "
 
 
 def started_by_loadtest() -> list[str]:
-    """Live processes under this one that a load test starts: the model server and the Locust driver."""
+    """Live processes under this one that a load test starts: the model server and the load driver."""
     found = []
     for process in psutil.Process().children(recursive=True):
         try:
@@ -56,7 +56,7 @@ def test_loadtest_measures_capacity_records_it_on_the_version_run_and_stays_in_b
     params, tracker, version = served_project
     assert main(["loadtest", "--params", params, "--reprice", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    # The server and the Locust driver were stopped: nothing the test started is left running.
+    # The server and the load driver were stopped: nothing the test started is left running.
     assert not started_by_loadtest()
 
     served = tracker.serving_version(version)
@@ -75,8 +75,14 @@ def test_loadtest_measures_capacity_records_it_on_the_version_run_and_stays_in_b
         assert metrics["loadtest_monthly_cost_usd"] > 0 and served.tags["requant.served_monthly_cost_usd"]
     steps = printed["steps"]
     assert len(steps) == metrics["loadtest_steps"] and sum(s["issued"] for s in steps) == metrics["loadtest_requests"]
-    for step in steps:  # every step measured latency, errors and the server's CPU
+    for step in steps:  # every step measured latency, errors, the server's CPU and the generator's own
         assert step["requests"] > 0 and step["p95_ms"] > 0 and step["server_cpu_percent"] >= 0
+        assert step["generator_cpu_percent"] > 0 and step["phase"] in ("ramp", "refine")
+    # The capacity interval: its low end is the capacity, its high end the failed rate (when one failed).
+    assert printed["capacity_low_rps"] == metrics["loadtest_capacity_rps"] == metrics["loadtest_capacity_low_rps"]
+    assert metrics["loadtest_generator_cpu_percent"] > 0 and metrics["loadtest_resolved"] in (0.0, 1.0)
+    if printed["capacity_high_rps"] is not None:
+        assert metrics["loadtest_capacity_high_rps"] == printed["capacity_high_rps"] > 0
     recorded = Path(tracker.client.download_artifacts(served.run_id, "loadtest.json"))
     assert json.loads(recorded.read_text())["result"]["steps"] == steps
 
@@ -90,9 +96,10 @@ def test_loadtest_of_an_unset_alias_fails_with_one_line_and_starts_no_server(ser
     assert not started_by_loadtest()
 
 
-def step(offered, achieved, p95, failures=0, requests=100, failed_because=None):
-    return {"offered_rps": offered, "achieved_rps": achieved, "p95_ms": p95, "requests": requests, "issued": requests,
-            "failures": failures, "server_cpu_percent": 50.0, "failed_because": failed_because}
+def step(offered, achieved, p95, failures=0, requests=100, failed_because=None, phase="ramp"):
+    return {"phase": phase, "offered_rps": offered, "achieved_rps": achieved, "p95_ms": p95, "p50_ms": p95 / 2,
+            "requests": requests, "issued": requests, "failures": failures, "users": 4, "error_rate": failures / requests,
+            "server_cpu_percent": 50.0, "generator_cpu_percent": 5.0, "failed_because": failed_because}
 
 
 def test_capacity_is_the_best_step_that_held_and_a_ramp_no_step_failed_is_a_lower_bound():
@@ -107,3 +114,49 @@ def test_capacity_is_the_best_step_that_held_and_a_ramp_no_step_failed_is_a_lowe
     assert budget_ended.capacity_rps == 19.5 and not budget_ended.limit_found
     nothing_held = summarise({**ramp, "steps": ramp["steps"][2:]}, 100.0, 1)
     assert nothing_held.capacity_rps == 0 and nothing_held.p95_ms_at_capacity is None
+
+
+def refined_ramp(resolved=True):
+    """A driver's output: ramp 10, 20 (held), 40 (failed), then refinement at 28.3 (held) and 33.6 (failed)."""
+    steps = [step(10, 10, 20), step(20, 19.5, 60), step(40, 30, 400, failed_because="p95 400 ms"),
+             step(28.3, 28.0, 80, phase="refine"), step(33.6, 31, 150, failed_because="p95 150 ms", phase="refine")]
+    return {"steps": steps, "stop_reason": "resolved: held 28.3, failed 33.6 requests/s (within 20%)", "requests": 500,
+            "seconds": 50.0, "held_rps": 28.3, "failed_rps": 33.6, "resolved": resolved, "resolution": 0.2,
+            "generator_cpu_percent": 4.0}
+
+
+def test_capacity_is_an_interval_from_the_best_held_step_to_the_lowest_failed_rate_above_it():
+    from tasks.loadtest import summarise
+
+    result = summarise(refined_ramp(), 100.0, texts_per_request=1)
+    assert result.capacity_rps == result.capacity_low_rps == 28.0 and result.capacity_high_rps == 33.6
+    assert result.resolved and result.resolution == 0.2 and result.generator_cpu_percent == 4.0
+    metrics = result.metrics()
+    assert metrics["loadtest_capacity_high_rps"] == 33.6 and metrics["loadtest_resolved"] == 1.0
+    assert metrics["loadtest_generator_cpu_percent"] == 4.0 and metrics["loadtest_capacity_low_rps"] == 28.0
+    # Output without the interval keys (an older driver): the same interval from the steps.
+    older = {k: v for k, v in refined_ramp().items() if k not in ("held_rps", "failed_rps", "resolved", "resolution",
+                                                                   "generator_cpu_percent")}
+    again = summarise(older, 100.0, 1)
+    assert again.capacity_high_rps == 33.6 and not again.resolved  # 33.6 / 28.3 - 1 > the default 10%
+    assert "loadtest_generator_cpu_percent" not in again.metrics()
+
+
+def test_render_prints_the_interval_the_phase_of_each_step_and_the_generator_cpu():
+    from tasks.loadtest import CapacityComparison, render, summarise
+
+    comparison = CapacityComparison(served_sentences_per_s=28.0, assumed_sentences_per_s=None,
+                                    assumed_monthly_cost_usd=None, served_cost=None)
+    text = render(summarise(refined_ramp(), 100.0, 1), comparison, "3")
+    assert "served capacity: between 28.0 and 33.6 requests/s (resolved to within 20%)" in text
+    assert "load generator: 4% of one core" in text
+    rows = [line for line in text.splitlines() if line.startswith(("ramp", "refine"))]
+    assert [row.split()[0] for row in rows] == ["ramp"] * 3 + ["refine"] * 2
+    unresolved = render(summarise(refined_ramp(resolved=False), 100.0, 1), comparison, "3")
+    assert "between 28.0 and 33.6 requests/s (not resolved to within 20%: raise loadtest.max_steps" in unresolved
+    budget_ended = summarise({**refined_ramp(), "steps": refined_ramp()["steps"][:2], "failed_rps": None,
+                              "resolved": False}, 100.0, 1)
+    assert "served capacity: at least 19.5 requests/s" in render(budget_ended, comparison, "3")
+    nothing_held = summarise({**refined_ramp(), "steps": refined_ramp()["steps"][2:3], "held_rps": None,
+                              "failed_rps": 40, "resolved": False}, 100.0, 1)
+    assert "served capacity: below 40.0 requests/s" in render(nothing_held, comparison, "3")
