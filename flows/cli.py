@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--model", default=None, help="models:/NAME/VERSION, models:/NAME@ALIAS or a model folder.")
     run.add_argument("--project", default=None, help="DVC project folder (default: the folder of --params).")
     run.add_argument("--force", action="store_true", help="Decide again even if this model/data/params was decided.")
+    run.add_argument("--work-dir", default=None,
+                     help="Where exported graphs and candidates are built and reused (default: PROJECT/models/work).")
     run.add_argument("--json", action="store_true", help="Print the run summary as JSON instead of the table.")
 
     status = sub.add_parser("status", help="Show the production model and the last decision.")
@@ -129,11 +131,30 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, Exception):
             from tasks.tracking import service_failure
 
-            line = service_failure(exc)
+            line = service_failure(exc, _written_folders(args))
             if line:
                 print(f"error: {line}", file=sys.stderr)
                 return 1
         raise
+
+
+def _written_folders(args) -> list:
+    """The folders this command writes to, so a full or read-only one is named (tasks/write_errors.py);
+    none when its params file cannot be read (that error is reported on its own)."""
+    from pathlib import Path
+
+    from tasks.settings import load_settings
+    from tasks.write_errors import run_folders
+
+    params = getattr(args, "params", None)
+    if not params:
+        return []
+    try:
+        settings = load_settings(params)
+    except Exception:  # noqa: BLE001 - only names folders in an error line already being printed
+        return []
+    project = Path(getattr(args, "project", None) or Path(params).resolve().parent)
+    return run_folders(settings, project, getattr(args, "work_dir", None))
 
 
 def _train(args) -> int:
@@ -171,7 +192,7 @@ def _run(args) -> int:
     require_prefect_api()
     with runtime.prefect_api():  # a temporary server, if none is configured, starts while libraries load
         summary = requantize_for(settings)(params_path=args.params, model_uri=args.model, project_dir=args.project,
-                                           force=args.force)
+                                           force=args.force, work_dir=args.work_dir)
     if args.json:
         print(json.dumps(summary.__dict__, indent=2, default=str))
         return 0

@@ -7,7 +7,6 @@ tasks return numbers and this adapter writes them.
 
 from __future__ import annotations
 
-import errno
 import functools
 import json
 import logging
@@ -18,12 +17,13 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from tasks import interrupts
 from tasks.errors import ModelSourceError, RequantError, ServiceUnavailable
 from tasks.locking import exclusive
 from tasks.settings import RegistrySettings
+from tasks.write_errors import RunFolder, describe_write_failure
 
 # Tags that tie a registered version to what produced it.
 TAG_KEY = "requant.decision_key"
@@ -974,17 +974,22 @@ def _first_line(exc: BaseException, limit: int = 200) -> str:
     return (text[0] if text else type(exc).__name__)[:limit]
 
 
-def service_failure(exc: BaseException) -> str | None:
-    """One line for a failure of a service the run depends on (tracking server, artifact store),
-    or None if `exc` is something else (a bug keeps its traceback).
+def service_failure(exc: BaseException, folders: Sequence[RunFolder] = ()) -> str | None:
+    """One line for a failure of a service the run depends on (tracking server, artifact store, a
+    folder it writes to), or None if `exc` is something else (a bug keeps its traceback).
 
     Looks through the exception's causes: MLflow wraps the requests error, boto3 its own.
+
+    Args:
+        exc: what the command raised.
+        folders: the folders the command writes to (tasks.write_errors.run_folders): a full or
+            read-only one is named in the line.
     """
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        line = _describe_service_error(current)
+        line = _describe_service_error(current, folders)
         if line:
             return line + unmarked_note(exc)
         current = current.__cause__ or current.__context__
@@ -998,7 +1003,7 @@ def unmarked_note(exc: BaseException) -> str:
             if unmarked else "")
 
 
-def _describe_service_error(exc: BaseException) -> str | None:
+def _describe_service_error(exc: BaseException, folders: Sequence[RunFolder] = ()) -> str | None:
     name = type(exc).__name__
     module = type(exc).__module__
     text = _first_line(exc, 300)
@@ -1012,9 +1017,8 @@ def _describe_service_error(exc: BaseException) -> str | None:
                 "its credentials, then run again")
     if module.startswith(("requests", "urllib3")) and "Connection" in name:
         return f"a server did not answer ({text}): check that it runs, then run again"
-    if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC):
-        return f"cannot write {exc.filename or 'the artifact store'} ({exc.strerror}): make it writable, then run again"
-    return None
+    # Full and read-only are told apart, and the folder named (tasks/write_errors.py).
+    return describe_write_failure(exc, list(folders))
 
 
 def folder_digest(folder: Path) -> str:
