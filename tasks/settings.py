@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -375,7 +376,7 @@ class RolloutSettings(_Section):
 
 
 class LoadtestSettings(_Section):
-    """`requant loadtest`: a served version under a stepped load (Locust), bounded in requests and time."""
+    """`requant loadtest`: a served version under a stepped open-loop load, bounded in requests and time."""
 
     slo_p95_ms: float | None = Field(
         None, gt=0, description="p95 latency a step must hold to count as sustained; null = quality_bar.max_p95_latency_ms, "
@@ -383,14 +384,50 @@ class LoadtestSettings(_Section):
     texts_per_request: int = Field(1, ge=1, description="Texts in each request body (1 = one user query per request).")
     start_rps: float = Field(5.0, gt=0, description="Request rate of the first step.")
     step_factor: float = Field(1.5, gt=1, description="Each step offers this many times the previous step's rate.")
-    step_seconds: float = Field(10.0, gt=0, description="Length of each step.")
-    max_steps: int = Field(12, ge=1, description="Steps at most (the ramp also stops at the first step that fails).")
-    max_requests: int = Field(20000, ge=1, description="Requests at most over the whole test.")
+    step_seconds: float = Field(5.0, gt=0, description="Length of each step.")
+    resolution: float = Field(0.10, gt=0, lt=1, description="After the first failing step, rates between the last that "
+                                                           "held and the first that failed are tried until they are this "
+                                                           "close (0.10: within 10%).")
+    max_steps: int = Field(16, ge=1, description="Steps at most, refinement included (the ramp stops at the first step that fails).")
+    max_requests: int = Field(40000, ge=1, description="Requests at most over the whole test.")
     max_seconds: float = Field(180.0, gt=0, description="Wall seconds at most for the load (server start not counted).")
-    max_users: int = Field(64, ge=1, description="Concurrent simulated clients at most.")
+    max_connections: int = Field(256, ge=1, validation_alias=AliasChoices("max_connections", "max_users"),
+                                 description="Open connections of the load generator at most (formerly max_users).")
+    warmup_requests: int = Field(20, ge=0, description="Requests sent one by one before the first step, not counted.")
     max_error_rate: float = Field(0.01, ge=0, lt=1, description="A step with more failed requests than this share fails.")
-    server_start_timeout_s: float = Field(180.0, gt=0, description="How long `mlflow models serve` may take to answer.")
-    server_workers: int = Field(1, ge=1, description="uvicorn workers of the served model (`mlflow models serve -w`).")
+    server_start_timeout_s: float = Field(180.0, gt=0, description="How long the served model may take to answer /ping.")
+    server_workers: int = Field(1, ge=1, description="uvicorn workers of the served model with front: mlflow (`mlflow models serve -w`).")
+    front: Literal["requant", "mlflow"] = Field(
+        "requant", description="What serves the version: 'requant' (tasks/serve_front.py, batching in one process; "
+                               "the documented way to serve) or 'mlflow' (`mlflow models serve`).")
+
+
+class ServingSettings(_Section):
+    """The served model (batching and input limits, written into its card) and the flow's served measurement."""
+
+    max_batch_size: int = Field(32, ge=1, description="Texts merged into one model run at most.")
+    max_batch_tokens: int = Field(4096, ge=1, description="Estimated padded tokens (texts x longest) per model run at most.")
+    max_wait_ms: float = Field(0.0, ge=0, description="How long a batch may wait for more requests once the model is "
+                                                       "free (0: run what is waiting at once; batches still form under load).")
+    max_queue: int = Field(512, ge=1, description="Texts waiting at most; beyond it a request is shed with HTTP 503.")
+    max_texts_per_request: int = Field(256, ge=1, description="Texts in one request at most (HTTP 400 beyond).")
+    max_text_chars: int = Field(2000, ge=1, description="Characters in one text at most (HTTP 400 beyond).")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Request body size at most (HTTP 413 beyond).")
+    price_from: Literal["served", "batched"] = Field(
+        "served", description="'served': every price comes from served capacity (requests/s at the p95 target, measured "
+                              "through the served model for the winner, production and FP32, and through their "
+                              "served/batched ratio for the rest); 'batched': from in-process batched throughput.")
+    step_seconds: float = Field(2.0, gt=0, description="Served measurement in the flow: length of each load step.")
+    max_seconds: float = Field(20.0, gt=0, description="Served measurement in the flow: load seconds per model at most.")
+
+    def limits(self):
+        """The limits the served model enforces (tasks.serving.ServingLimits)."""
+        from tasks.serving import ServingLimits
+
+        return ServingLimits(max_batch_size=self.max_batch_size, max_batch_tokens=self.max_batch_tokens,
+                             max_wait_ms=self.max_wait_ms, max_queue=self.max_queue,
+                             max_texts_per_request=self.max_texts_per_request, max_text_chars=self.max_text_chars,
+                             max_body_bytes=self.max_body_bytes)
 
 
 class Settings(_Section):
@@ -409,6 +446,7 @@ class Settings(_Section):
     registry: RegistrySettings = RegistrySettings()
     rollout: RolloutSettings = RolloutSettings()
     loadtest: LoadtestSettings = LoadtestSettings()
+    serving: ServingSettings = ServingSettings()
 
 
 class SettingsError(RequantError):

@@ -38,6 +38,8 @@ TAG_DATA_VERSION = "requant.data_version"
 TAG_ACCURACY = "requant.accuracy"
 TAG_MONTHLY_COST = "requant.monthly_cost_usd"
 TAG_FAILURE = "requant.failure"
+# Why the version behind the production alias did not load from the registry as the served model.
+TAG_PRODUCTION_BROKEN = "requant.production_broken"
 TAG_MODEL_SHA256 = "requant.model_sha256"
 TAG_PARENT_RUN = "requant.parent_run_id"
 TAG_PROMOTED_VERSION = "requant.promoted_version"
@@ -61,7 +63,8 @@ TAG_KIND = "requant.kind"
 DECISION_FILE = "decision.json"
 PIP_REQUIREMENTS = ["onnxruntime==1.32.0", "onnx==1.23.2"]
 # What the served text-in model needs (tasks/serving.py); torch is not among them.
-SERVING_REQUIREMENTS = ["onnxruntime==1.32.0", "transformers==4.57.6", "tokenizers==0.22.2", "numpy", "pandas"]
+SERVING_REQUIREMENTS = ["onnxruntime==1.32.0", "transformers==4.57.6", "tokenizers==0.22.2", "numpy", "pandas",
+                        "uvicorn", "uvloop", "httptools"]
 SERVING_EXAMPLE = ["I lost my card", "how long does a transfer take?"]
 TRANSFORMERS_REQUIREMENTS = ["torch==2.13.0", "transformers==4.57.6", "tokenizers==0.22.2", "safetensors"]
 
@@ -132,6 +135,38 @@ class ProductionVersion:
     version: str
     tags: dict[str, str]
     model_path: Path  # its ONNX graph
+    model_dir: Path | None = None  # the downloaded served model (None: a plain ONNX version, not text-in)
+
+
+class ProductionBroken(RequantError):
+    """The version behind the production alias does not load from the registry as the served model."""
+
+    def __init__(self, version: str, why: str) -> None:
+        super().__init__(f"production version {version} is broken: {why}")
+        self.version, self.why = version, why
+
+
+def _check_served_model(model_dir: Path, version: str) -> None:
+    """Load a downloaded serving model as requant's front would and have it answer two texts.
+
+    Raises:
+        ProductionBroken: it does not load, or does not answer one prediction per text.
+    """
+    from tasks.serve_front import files_of_mlflow_model
+    from tasks.serving import TextClassifier
+
+    try:
+        files = files_of_mlflow_model(model_dir)
+        classifier = TextClassifier(files.onnx_model, files.tokenizer, files.card, threads=1)
+        try:
+            answers = classifier.classify(SERVING_EXAMPLE)
+        finally:
+            classifier.batcher.close()
+    except Exception as exc:
+        raise ProductionBroken(version, f"it does not load as the served model ({type(exc).__name__}: "
+                                        f"{str(exc).splitlines()[0] if str(exc) else ''})"[:400]) from exc
+    if len(answers) != len(SERVING_EXAMPLE):
+        raise ProductionBroken(version, f"it answered {len(answers)} predictions for {len(SERVING_EXAMPLE)} texts")
 
 
 def process_identity() -> str:
@@ -412,22 +447,21 @@ class Tracker:
         """
         import tempfile
 
-        from mlflow.models import ModelSignature
-        from mlflow.types.schema import ColSpec, Schema
-
+        from tasks import batching
         from tasks import serving as serving_module
 
         code = Path(serving_module.__file__)
-        signature = ModelSignature(inputs=Schema([ColSpec("string")]),
-                                   outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]))
+        # No explicit signature: MLflow infers it from the type hints of ServedTextClassifier.predict
+        # (list[str] in), and then hands the texts over as a list, without a DataFrame per request.
         with tempfile.TemporaryDirectory() as tmp:
             card = serving.write_card(Path(tmp) / serving_module.CLASSIFIER_FILE)
             with self._mlflow.start_run(run_id=run_id, nested=True):
                 info = self._mlflow.pyfunc.log_model(
-                    name=logged_model_name(name), python_model=str(code.with_name("serving_pyfunc.py")), code_paths=[str(code)],
+                    name=logged_model_name(name), python_model=str(code.with_name("serving_pyfunc.py")),
+                    code_paths=[str(code), batching.__file__],
                     artifacts={"onnx_model": str(model_path), "tokenizer": str(serving.tokenizer_dir),
                                "classifier_card": str(card)},
-                    signature=signature, input_example=SERVING_EXAMPLE, pip_requirements=SERVING_REQUIREMENTS,
+                    input_example=SERVING_EXAMPLE, pip_requirements=SERVING_REQUIREMENTS,
                 )
         return info.model_uri
 
@@ -606,36 +640,49 @@ class Tracker:
                                "pass an existing version") from exc
 
     def fetch_production(self, dst: Path) -> ProductionVersion | None:
-        """Download the production version's ONNX graph so this run can measure it side by side.
+        """Download the production version from the registry and load it as it is served; return it.
 
-        Returns None when no version is behind the alias. A version whose artifacts hold no ONNX
-        graph raises: production must be measured, never assumed from stale tags.
+        Downloaded anew on every run, never taken from an earlier run's copy: what is measured and
+        kept must be what the registry serves today. A requant serving model (pyfunc with an ONNX
+        graph, tokenizer and card) is loaded and answers two texts before it counts as loadable.
+
+        Returns None when no version is behind the alias.
 
         Raises:
-            RequantError: the production version's model cannot be downloaded or holds no .onnx file.
+            ProductionBroken: the version behind the alias cannot be downloaded, holds no ONNX graph,
+                does not match the sha256 it was registered with, or does not load and answer as served.
         """
+        import shutil
+
         version = self.production()
         if version is None:
             return None
-        target = Path(dst) / f"{self.settings.serving_model_name}-v{version.version}"
-        if not any(target.rglob("*.onnx")):
-            partial = target.with_name(f".{target.name}.partial")
-            import shutil
-
+        name, number = self.settings.serving_model_name, str(version.version)
+        target = Path(dst) / f"{name}-v{number}"
+        partial = target.with_name(f".{target.name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            self._mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{number}", dst_path=str(partial))
+        except Exception as exc:
             shutil.rmtree(partial, ignore_errors=True)
-            try:
-                self._mlflow.artifacts.download_artifacts(
-                    artifact_uri=f"models:/{self.settings.serving_model_name}/{version.version}", dst_path=str(partial))
-            except Exception as exc:
-                raise RequantError(f"cannot download production version {version.version} to measure it: "
-                                   f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
-            shutil.rmtree(target, ignore_errors=True)
-            partial.rename(target)
+            raise ProductionBroken(number, f"it cannot be downloaded from the registry "
+                                           f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
         graphs = sorted(target.rglob("*.onnx"), key=lambda p: (p.name != "model.onnx", -p.stat().st_size))
         if not graphs:
-            raise RequantError(f"production version {version.version} of {self.settings.serving_model_name} holds no ONNX "
-                               "graph to measure: move the alias to a version requant registered")
-        return ProductionVersion(version=str(version.version), tags=dict(version.tags), model_path=graphs[0])
+            raise ProductionBroken(number, "its artifacts hold no ONNX graph (move the alias to a version requant registered)")
+        expected = version.tags.get(TAG_MODEL_SHA256)
+        if expected:
+            from tasks.data_prep import sha256_of
+
+            if sha256_of(graphs[0]) != expected:
+                raise ProductionBroken(number, "its ONNX graph does not match the sha256 it was registered with")
+        served = (target / "MLmodel").is_file() and "classifier_card" in (target / "MLmodel").read_text()
+        if served:
+            _check_served_model(target, number)
+        return ProductionVersion(version=number, tags=dict(version.tags), model_path=graphs[0],
+                                 model_dir=target if served else None)
 
     def register_winner(self, model_uri: str, tags: dict[str, str], lock_dir: Path) -> str:
         """Register the winner as a version of the serving model, without moving any alias; return the version.

@@ -9,7 +9,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from tasks import tracking
-from tasks.serving import ServingAssets
+from tasks.serving import ServingAssets, ServingLimits
 
 LABELS = ["card_lost", "top_up", "refund", "exchange_rate"]
 
@@ -34,7 +34,7 @@ def constant_label_graph(path: Path, label_index: int, classes: int = len(LABELS
 
 
 def register_serving_version(tracker: tracking.Tracker, work: Path, tokenizer_dir: Path, label_index: int, key: str,
-                             throughput_per_s: float = 400.0) -> str:
+                             throughput_per_s: float = 400.0, limits: ServingLimits | None = None) -> str:
     """Log a constant-label text classifier on a candidate run (with the throughput and cost the flow
     would have logged) and register it as a version of the serving model; return the version."""
     work.mkdir(parents=True, exist_ok=True)
@@ -43,6 +43,7 @@ def register_serving_version(tracker: tracking.Tracker, work: Path, tokenizer_di
     tracker.log_metrics(run_id, {"throughput_per_s": throughput_per_s * 1.1, "throughput_low_per_s": throughput_per_s,
                                  "monthly_cost_usd": 222.0})
     graph = constant_label_graph(work / f"{key}.onnx", label_index)
-    uri = tracker.log_serving_model(run_id, graph, ServingAssets(Path(tokenizer_dir), LABELS, 32), key)
+    assets = ServingAssets(Path(tokenizer_dir), LABELS, 32, limits or ServingLimits())
+    uri = tracker.log_serving_model(run_id, graph, assets, key)
     tracker.finish(run_id)
     return tracker.register_winner(uri, {tracking.TAG_KEY: key, tracking.TAG_CONFIG_HASH: f"hash-{key}"}, work / "locks")
