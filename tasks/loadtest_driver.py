@@ -51,6 +51,10 @@ DEFAULT_RESOLUTION = 0.10
 DEFAULT_WARMUP_REQUESTS = 20
 # Distinct error strings kept per step, each with its count; the rest are counted together.
 ERRORS_KEPT = 3
+# The scheduler sleeps at least this long between wake-ups: the loop's timers are ~1 ms, and a shorter sleep
+# returns at once and spins, burning the CPU the server shares with the generator. Requests due in between
+# go out together at the next wake-up, their wait counted in their latency.
+MIN_SLEEP_S = 0.001
 # A warm-up request that takes longer than this is given up (the server is still loading, or stuck).
 WARMUP_TIMEOUT_S = 30.0
 
@@ -397,7 +401,7 @@ async def run_step(pool: ConnectionPool, requests: list[bytes], first_request: i
             task.add_done_callback(in_flight.discard)
             issued += 1
         if issued < count:
-            await asyncio.sleep(max(0.0, t0 + issued / rate - time.perf_counter()))
+            await asyncio.sleep(max(MIN_SLEEP_S, t0 + issued / rate - time.perf_counter()))
     if in_flight:
         remaining = max(0.0, t0 + window_s + drain_s - time.perf_counter())
         _, pending = await asyncio.wait(set(in_flight), timeout=remaining)

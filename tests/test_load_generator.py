@@ -28,6 +28,7 @@ SERVER = r'''
 import asyncio, sys, time
 
 PORT, SERVICE_S, STATUS, STALL_S = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+HANG_UP = sys.argv[5] == "1"  # close each connection after its answer, unannounced (a keep-alive timeout)
 served = 0
 
 async def handle(reader, writer):
@@ -50,6 +51,9 @@ async def handle(reader, writer):
             writer.write(b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
                          % (status, len(body), body))
             await writer.drain()
+            if HANG_UP and head.startswith(b"POST"):
+                writer.close()
+                return
     except (asyncio.IncompleteReadError, ConnectionError):
         writer.close()
 
@@ -65,12 +69,13 @@ TEXTS = ["I lost my card", "my top up failed", "where is my refund?"]
 
 
 @contextmanager
-def model_server(tmp_path: Path, service_s: float = 0.0, status: int = 200, stall_s: float = 0.0) -> Iterator[tuple[str, int]]:
+def model_server(tmp_path: Path, service_s: float = 0.0, status: int = 200, stall_s: float = 0.0,
+                 hang_up: bool = False) -> Iterator[tuple[str, int]]:
     """The server above on a free port; yields (url, pid) and stops it by its PID."""
     script = tmp_path / "server.py"
     script.write_text(SERVER)
     port = free_port()
-    command = [sys.executable, str(script), str(port), str(service_s), str(status), str(stall_s)]
+    command = [sys.executable, str(script), str(port), str(service_s), str(status), str(stall_s), str(int(hang_up))]
     url = f"http://{HOST}:{port}"
     with background(command, tmp_path / "server.log", dict(os.environ)) as process:
         wait_until_answering(f"{url}/ping", process, tmp_path / "server.log", timeout_s=20)
@@ -157,3 +162,20 @@ def test_driver_times_requests_from_their_due_time_when_the_server_stalls(tmp_pa
     assert step["users"] == 1
     assert step["p50_ms"] > 0.4 * 1500 and step["p95_ms"] > 0.8 * 1500
     assert step["failed_because"].startswith("p95")
+
+
+def test_driver_cuts_off_requests_still_unanswered_after_the_step_and_counts_them_as_failures(tmp_path):
+    # The server stalls 4 s on its first request; the step waits at most 2 * 50 ms + 2 s after its 0.5 s.
+    with model_server(tmp_path, stall_s=4.0) as (url, pid):
+        out = drive(tmp_path, url, pid, start_rps=10, step_seconds=0.5, slo_ms=50, warmup_requests=0)
+    (step,) = out["steps"]
+    assert step["issued"] == 5 and step["requests"] == 0 and step["failures"] == 5
+    assert step["errors"][0].startswith("5x cut off") and step["failed_because"] == "no request completed"
+    assert 2.5 <= step["seconds"] < 3.5 and step["p50_ms"] >= 2000
+
+
+def test_driver_sends_again_on_a_fresh_connection_when_the_server_closed_a_kept_alive_one(tmp_path):
+    with model_server(tmp_path, hang_up=True) as (url, pid):
+        out = drive(tmp_path, url, pid, start_rps=40, max_steps=1, slo_ms=500)
+    (step,) = out["steps"]
+    assert step["failures"] == 0 and step["requests"] == step["issued"] == 40 and not step["failed_because"]
