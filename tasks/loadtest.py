@@ -272,7 +272,7 @@ def run_ramp(url: str, server_pid: int, texts: list[str], settings: LoadtestSett
 
 
 def summarise(ramp: dict, target_ms: float, texts_per_request: int) -> LoadtestResult:
-    """The capacity interval (best sustained step up to the lowest failed rate above it) and totals of a driver's run."""
+    """The capacity interval (best held step up to the lowest failed rate above it) and totals of a driver's run."""
     steps = ramp["steps"]
     held = [s for s in steps if not s.get("failed_because")]
     best = max(held, key=lambda s: s["achieved_rps"]) if held else None

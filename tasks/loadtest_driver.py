@@ -174,7 +174,7 @@ class ConnectionPool:
         self.host, self.port, self.limit = host, port, max(1, limit)
         self.idle: list[Connection] = []
         self.open = 0
-        self.used: set[int] = set()  # ids of the connections that carried a request since the last reset_used
+        self.used: set[Connection] = set()  # the connections that carried a request since the last reset_used
         self.waiters: deque[asyncio.Future] = deque()
 
     def reset_used(self) -> None:
@@ -187,7 +187,7 @@ class ConnectionPool:
             OSError: a new connection could not be opened.
         """
         connection = await self._acquire()
-        self.used.add(id(connection))
+        self.used.add(connection)
         return connection
 
     async def _acquire(self) -> Connection:
@@ -234,7 +234,6 @@ class ConnectionPool:
 
     def discard(self, connection: Connection) -> None:
         """Close a connection that must not be reused (an error, or a request cut off mid-answer)."""
-        connection.close()
         self._drop(connection)
 
     def _drop(self, connection: Connection) -> None:

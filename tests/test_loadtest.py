@@ -98,8 +98,9 @@ def test_loadtest_of_an_unset_alias_fails_with_one_line_and_starts_no_server(ser
 
 def step(offered, achieved, p95, failures=0, requests=100, failed_because=None, phase="ramp"):
     return {"phase": phase, "offered_rps": offered, "achieved_rps": achieved, "p95_ms": p95, "p50_ms": p95 / 2,
-            "requests": requests, "issued": requests, "failures": failures, "users": 4, "error_rate": failures / requests,
-            "server_cpu_percent": 50.0, "generator_cpu_percent": 5.0, "failed_because": failed_because}
+            "requests": requests, "issued": requests, "failures": failures, "users": 4,
+            "error_rate": failures / requests, "server_cpu_percent": 50.0, "generator_cpu_percent": 5.0,
+            "failed_because": failed_because}
 
 
 def test_capacity_is_the_best_step_that_held_and_a_ramp_no_step_failed_is_a_lower_bound():
