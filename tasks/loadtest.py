@@ -335,14 +335,14 @@ def render(result: LoadtestResult, comparison: CapacityComparison, version: str)
     """The steps as a table, the capacity interval and the generator's CPU, then capacity against the cost model."""
     lines = [(f"load test of version {version}: p95 target {result.slo_p95_ms:.0f} ms, "
               f"{result.texts_per_request} text(s) per request"),
-             (f"{'phase':<6} {'offered/s':>10} {'served/s':>9} {'conns':>5} {'reqs':>6} {'err':>6} {'p50 ms':>7} "
+             (f"{'phase':<7} {'offered/s':>10} {'served/s':>9} {'conns':>5} {'reqs':>6} {'err':>6} {'p50 ms':>7} "
               f"{'p95 ms':>7} {'cpu %':>6} {'gen %':>6}  verdict")]
     for s in result.steps:
         p50 = f"{s['p50_ms']:.0f}" if s.get("p50_ms") is not None else "-"
         p95 = f"{s['p95_ms']:.0f}" if s.get("p95_ms") is not None else "-"
         cpu = f"{s['server_cpu_percent']:.0f}" if s.get("server_cpu_percent") is not None else "-"
         gen = f"{s['generator_cpu_percent']:.0f}" if s.get("generator_cpu_percent") is not None else "-"
-        lines.append(f"{s.get('phase', 'ramp'):<6} {s['offered_rps']:>10.1f} {s['achieved_rps']:>9.1f} {s['users']:>5} "
+        lines.append(f"{s.get('phase', 'ramp'):<7} {s['offered_rps']:>10.1f} {s['achieved_rps']:>9.1f} {s['users']:>5} "
                      f"{s['requests']:>6} {s['error_rate']:>6.1%} {p50:>7} {p95:>7} {cpu:>6} {gen:>6}  "
                      f"{s.get('failed_because') or 'held'}")
     lines.append(f"stopped: {result.stop_reason} ({result.requests} requests in {result.seconds:.0f} s, "

@@ -436,13 +436,24 @@ def interval(steps: list[dict]) -> tuple[float | None, float | None]:
     return held, failed
 
 
+# The lowest rate the search descends to when every step so far failed.
+MIN_RPS = 0.5
+
+
 def next_rate(steps: list[dict], step_factor: float, resolution: float) -> tuple[float, str] | str:
-    """The next step's (rate, phase), or why the search is over (a string)."""
+    """The next step's (rate, phase), or why the search is over (a string).
+
+    Up by `step_factor` while steps hold; down by its square while every step failed (a start
+    above the capacity finds it from above); then bisection between the two bounds.
+    """
     held, failed = interval(steps)
     if failed is None:
         return steps[-1]["offered_rps"] * step_factor, "ramp"
     if held is None:
-        return f"the first step, at {failed:.1f} requests/s, failed: {steps[-1]['failed_because']} (lower start_rps)"
+        lower = failed / step_factor ** 2
+        if lower < MIN_RPS:
+            return (f"no step held, down to {failed:.1f} requests/s: {steps[-1]['failed_because']}")
+        return lower, "descend"
     if failed / held - 1 <= resolution:
         return f"resolved: held {held:.1f}, failed {failed:.1f} requests/s (within {resolution:.0%})"
     return math.sqrt(held * failed), "refine"

@@ -94,6 +94,21 @@ def drive(tmp_path: Path, url: str, pid: int, **knobs) -> dict:
     return json.loads(out_path.read_text())
 
 
+def test_a_start_above_the_capacity_descends_until_a_step_holds_then_refines(tmp_path):
+    # 10 ms per request (at most 100/s), first offered 1,000/s: the search comes down by step_factor
+    # squared instead of stopping, then bisects between the rate that held and the lowest that failed.
+    with model_server(tmp_path, service_s=0.010) as (url, pid):
+        out = drive(tmp_path, url, pid, slo_ms=80, start_rps=1000, max_steps=10)
+    phases = [s["phase"] for s in out["steps"]]
+    assert phases[0] == "ramp" and out["steps"][0]["failed_because"]
+    assert "descend" in phases and phases.index("descend") == 1
+    held, failed = out["held_rps"], out["failed_rps"]
+    assert held is not None and held <= 110 and failed is not None and held < failed
+    # Descending steps each offer step_factor^2 less than the one before, until one holds.
+    descents = [s["offered_rps"] for s in out["steps"] if s["phase"] in ("ramp", "descend")]
+    assert all(b == pytest.approx(a / 4) for a, b in zip(descents, descents[1:]))
+
+
 def test_driver_brackets_a_known_capacity_by_ramping_then_refining(tmp_path):
     # 10 ms per request, one at a time: at most 100 requests/s, less on a busy host. Above ~110/s a step cannot
     # hold: it serves under 0.9 of the offered rate, and its backlog pushes p95 past 80 ms within the second.
@@ -135,17 +150,19 @@ def test_driver_never_exceeds_the_request_and_step_budgets(tmp_path):
 
 def test_driver_fails_a_step_when_the_server_answers_500_and_records_the_error(tmp_path):
     with model_server(tmp_path, status=500) as (url, pid):
-        out = drive(tmp_path, url, pid, start_rps=20)
-    (step,) = out["steps"]
+        out = drive(tmp_path, url, pid, start_rps=20, max_steps=2)
+    step = out["steps"][0]
     assert step["failed_because"].startswith("error rate 100.0%")
     assert step["failures"] == step["issued"] == step["status_counts"]["500"] and step["achieved_rps"] == 0
     assert step["errors"] == [f"{step['issued']}x HTTP 500: boom"]
-    assert out["held_rps"] is None and out["failed_rps"] == 20 and "first step" in out["stop_reason"]
+    # Every step fails, also the one that descends to 20 / 2^2 = 5 requests/s: no rate held.
+    assert [s["offered_rps"] for s in out["steps"]] == [20, 5] and all(s["failed_because"] for s in out["steps"])
+    assert out["held_rps"] is None and out["failed_rps"] == 5 and out["stop_reason"] == "reached max_steps (2)"
 
 
 def test_driver_counts_refused_connections_as_failures(tmp_path):
     url = f"http://{HOST}:{free_port()}"  # nothing listens there
-    out = drive(tmp_path, url, None, start_rps=10)
+    out = drive(tmp_path, url, None, start_rps=10, max_steps=1)
     (step,) = out["steps"]
     assert step["requests"] == 0 and step["failures"] == step["issued"] == 10
     assert step["failed_because"] == "no request completed" and "ConnectionRefusedError" in step["errors"][0]
@@ -168,7 +185,7 @@ def test_driver_times_requests_from_their_due_time_when_the_server_stalls(tmp_pa
 def test_driver_cuts_off_requests_still_unanswered_after_the_step_and_counts_them_as_failures(tmp_path):
     # The server stalls 4 s on its first request; the step waits at most 2 * 50 ms + 2 s after its 0.5 s.
     with model_server(tmp_path, stall_s=4.0) as (url, pid):
-        out = drive(tmp_path, url, pid, start_rps=10, step_seconds=0.5, slo_ms=50, warmup_requests=0)
+        out = drive(tmp_path, url, pid, start_rps=10, step_seconds=0.5, slo_ms=50, warmup_requests=0, max_steps=1)
     (step,) = out["steps"]
     assert step["issued"] == 5 and step["requests"] == 0 and step["failures"] == 5
     assert step["errors"][0].startswith("5x cut off") and step["failed_because"] == "no request completed"
