@@ -6,8 +6,9 @@ Run on purpose (not a test; needs Debian's `chromium`: `apt-get install -y chrom
 
 It starts `mlflow ui` on 127.0.0.1 (a free port) over the tracking store in params.yaml (or
 MLFLOW_TRACKING_URI), and saves PNGs of: the experiment's runs table, the newest requantize parent
-run (its description: decision, cost, candidates), the compare view of its candidate runs, and the
-serving registered model. The server is stopped by its PID at the end.
+run (its description: decision, cost, candidates), the compare view of its candidate runs, the view
+its `requant.candidates_view` tag links to (candidates with verdict, cost and accuracy columns), and
+the serving registered model. The server is stopped by its PID at the end.
 """
 
 from __future__ import annotations
@@ -92,6 +93,10 @@ def main() -> int:
             ids = ",".join(f'"{r.info.run_id}"' for r in children)
             pages["compare-candidates"] = (f"{base}/#/compare-runs?runs=[{ids}]"
                                            f"&experiments=[\"{experiment.experiment_id}\"]")
+            view = parents[0].data.tags.get("requant.candidates_view")  # flows/record.py share_candidates_view
+            if view:
+                # The link is relative (#/...) for a local store, absolute for a server: open it on this UI.
+                pages["candidates-view"] = f"{base}/#{view.split('#', 1)[1]}"
         for name, url in pages.items():
             screenshot(chromium, url, out / f"{name}.png")
             print(f"{name}: {out / (name + '.png')}")

@@ -65,6 +65,8 @@ def log_candidates(tracker: Tracker, parent_id: str, measured: list[MeasuredCand
     """
     uris = {}
     names = short_names([m.built.name for m in measured])
+    view = share_candidates_view(tracker, parent_id)
+    tracker.set_tags(parent_id, {TAG_CANDIDATES_VIEW: view})
     for m in measured:
         b = m.built
         verdict = decision.verdicts.get(b.name)
@@ -76,14 +78,21 @@ def log_candidates(tracker: Tracker, parent_id: str, measured: list[MeasuredCand
             "requant.is_production": str(b.is_production).lower(),
             **({tracking.TAG_FAILURE: m.error} if m.error else {}),
         }, start_time_ms=b.started_at_ms or None)
-        tracker.describe_run(run_id, candidate_markdown(m, decision))
-        tracker.log_params(run_id, {"recipe": b.recipe, "precision": b.precision, "config_hash": b.config_hash,
-                                    **flat("config", b.config)})
+        tracker.describe_run(run_id, candidate_markdown(m, decision)
+                             + f"\n\nAll candidates of this decision, cheapest first: [verdict, cost, accuracy]({view}).")
+        # MLflow's compare view opens on the first three params that differ, sorted by name: precision,
+        # recipe, then the recipe's knobs (recipe.*). The config hash is the tag requant.config_hash.
+        tracker.log_params(run_id, {"precision": b.precision, "recipe": b.recipe, **flat("recipe", b.config)})
         metrics = {**m.metrics(reference), "passed_bar": float(bool(verdict and verdict.passed_bar)),
                    "is_winner": float(b.name == decision.winner)}
-        quality = {k: v for k, v in metrics.items() if k in QUALITY_METRICS}
-        tracker.log_metrics(run_id, {k: v for k, v in metrics.items() if k not in quality})
+        # The decision's figures are logged first: MLflow's compare view plots the first metric that
+        # every compared run has (in logged order), and cost, then accuracy, is what decided.
+        ordered = _decision_first(metrics)
+        cost = {k: v for k, v in ordered.items() if k == "monthly_cost_usd"}
+        quality = {k: v for k, v in ordered.items() if k in QUALITY_METRICS}
+        tracker.log_metrics(run_id, cost)
         tracker.log_metrics(run_id, quality, dataset=("evaluation", data.evaluation_md5[:36]))
+        tracker.log_metrics(run_id, {k: v for k, v in ordered.items() if k not in cost and k not in quality})
         tracker.log_evaluation_input(run_id, evaluation[[TEXT, LABEL]],
                                      source=str(data.evaluation_path), name="evaluation", digest=data.evaluation_md5)
         tracker.log_evaluation_input(run_id, calibration[[TEXT, LABEL]], source=str(data.calibration_path),
@@ -97,6 +106,46 @@ def log_candidates(tracker: Tracker, parent_id: str, measured: list[MeasuredCand
                             tracker.log_onnx_model(run_id, b.model_path, len(reference.card.labels), names[b.name]))
         tracker.finish(run_id, failed=bool(m.error), end_time_ms=m.finished_at_ms or None)
     return uris
+
+
+# The figures that decide, in the order a reviewer reads them; the other metrics follow.
+DECISION_METRICS = ("monthly_cost_usd", "accuracy", "relative_accuracy_loss", "passed_bar", "is_winner")
+# A parent-run tag: the link to the runs table of its candidates with the decision's columns.
+TAG_CANDIDATES_VIEW = "requant.candidates_view"
+# Those columns, as MLflow's runs table names them (type.`key`).
+CANDIDATE_COLUMNS = ("tags.`requant.verdict`", "metrics.`monthly_cost_usd`", "metrics.`accuracy`",
+                     "metrics.`relative_accuracy_loss`", "tags.`requant.reason`")
+SHARED_VIEW_TAG = "mlflow.sharedViewState."
+
+
+def _decision_first(metrics: dict[str, float]) -> dict[str, float]:
+    """`metrics` with DECISION_METRICS first, in that order."""
+    return {**{k: metrics[k] for k in DECISION_METRICS if k in metrics}, **metrics}
+
+
+def candidates_view_state(parent_id: str) -> dict:
+    """The runs-table view of one decision: its candidate runs, cheapest first, with verdict, monthly
+    cost, accuracy, loss and reason as columns (the table shows none of them by default)."""
+    # Candidate runs carry a verdict; the decision's other nested runs (QAT attempts) do not.
+    return {"searchFilter": f"tags.mlflow.parentRunId = '{parent_id}' and tags.`requant.verdict` != ''",
+            "orderByKey": "metrics.`monthly_cost_usd`", "orderByAsc": True,
+            "selectedColumns": list(CANDIDATE_COLUMNS)}
+
+
+def share_candidates_view(tracker: Tracker, parent_id: str) -> str:
+    """Save the decision's candidates view in the experiment and return the link that opens it.
+
+    MLflow's UI opens `#/experiments/<id>/runs?viewStateShareKey=<key>` with the view stored in the
+    experiment tag `mlflow.sharedViewState.<key>` (what its own Share button writes); a UI that cannot
+    read it opens the plain runs table.
+    """
+    import json
+
+    experiment = tracker.client.get_run(parent_id).info.experiment_id
+    key = f"requant-candidates-{parent_id}"
+    tracker.client.set_experiment_tag(experiment, SHARED_VIEW_TAG + key, json.dumps(candidates_view_state(parent_id)))
+    path = f"#/experiments/{experiment}/runs?viewStateShareKey={key}"
+    return f"{tracker.uri.rstrip('/')}/{path}" if tracker.uri.startswith(("http://", "https://")) else path
 
 
 # Metrics measured on the evaluation rows: linked to that data set in the UI.

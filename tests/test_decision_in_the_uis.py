@@ -44,6 +44,35 @@ def test_every_candidate_run_carries_its_verdict_and_reason(decided):
         assert run.data.tags["requant.reason"] and run.data.tags["mlflow.note.content"].startswith(f"**{verdict.upper()}")
 
 
+def test_one_link_opens_the_decisions_candidates_cheapest_first_with_verdict_cost_and_accuracy(decided):
+    _, summary, client, children = decided
+    parent = client.get_run(summary.parent_run_id)
+    experiment = client.get_experiment(parent.info.experiment_id)
+    link = parent.data.tags["requant.candidates_view"]
+    assert link.startswith(f"#/experiments/{experiment.experiment_id}/runs?viewStateShareKey=")
+    view = json.loads(experiment.tags["mlflow.sharedViewState." + link.split("viewStateShareKey=")[1]])
+    # The UI runs the view's filter and order as a search: they select this decision's candidates, cheapest first.
+    order = f"{view['orderByKey']} {'ASC' if view['orderByAsc'] else 'DESC'}"
+    found = client.search_runs([experiment.experiment_id], filter_string=view["searchFilter"], order_by=[order])
+    assert {r.info.run_id for r in found} == {r.info.run_id for r in children.values()}
+    costs = [r.data.metrics["monthly_cost_usd"] for r in found if "monthly_cost_usd" in r.data.metrics]
+    assert len(costs) >= 2 and costs == sorted(costs)
+    shown = {column.split(".", 1)[1].strip("`"): column.split(".", 1)[0] for column in view["selectedColumns"]}
+    assert shown == {"requant.verdict": "tags", "monthly_cost_usd": "metrics", "accuracy": "metrics",
+                     "relative_accuracy_loss": "metrics", "requant.reason": "tags"}
+    for run in children.values():
+        assert link in run.data.tags["mlflow.note.content"]
+
+
+def test_cost_then_accuracy_are_each_candidate_runs_first_metrics(decided):
+    # MLflow's compare view plots the first metric all compared runs share, in logged order.
+    _, _, _, children = decided
+    for run in children.values():
+        first = list(run.data.metrics)[:2]
+        expected = [k for k in ("monthly_cost_usd", "accuracy") if k in run.data.metrics]
+        assert first[:len(expected)] == expected, first
+
+
 def test_run_names_are_short_and_distinct_with_the_full_spec_in_a_tag(decided):
     _, _, _, children = decided
     names = [r.info.run_name for r in children.values()]
