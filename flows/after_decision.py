@@ -26,6 +26,8 @@ from tasks.rollout import (
     read_traffic,
     replay,
 )
+from tasks.serve_front import files_of_mlflow_model, served_front
+from tasks.serving import BadRequest
 from tasks.settings import Settings, load_settings
 from tasks.tracking import Tracker
 
@@ -84,10 +86,9 @@ def loadtest_version(params_path: str, which: str = "production", sample: str | 
     texts = _sample(settings, sample, None, None, max_rows=5000).texts
     target_ms = load.slo_ms(knobs, settings.quality_bar)
     with tempfile.TemporaryDirectory(prefix="requant-loadtest-") as work, \
-            load.served_model(f"models:/{settings.registry.serving_model_name}/{version.version}", tracker.uri,
-                              knobs.server_workers, knobs.server_start_timeout_s) as (url, pid):
+            _served(tracker, settings, knobs, str(version.version), Path(work)) as (url, pid):
         load.check_answers(url, texts)
-        result = load.run_ramp(url, pid, texts, knobs, target_ms, Path(work))
+        result = load.run_ramp(url, pid, texts, knobs, target_ms, Path(work) / "load")
     profile = traffic = None
     if reprice:
         from tasks.benchmark import cpu_info
@@ -114,6 +115,35 @@ def loadtest_version(params_path: str, which: str = "production", sample: str | 
     return LoadtestOutcome(str(version.version), run_id, result, comparison, report)
 
 
+def served_version_files(params_path: str, which: str, work: Path):
+    """(the served files of a serving-model version downloaded from the registry, its number), for `requant serve-model`.
+
+    Raises:
+        RequantError: no such version or alias, or the version is not a requant text-in serving model.
+    """
+    settings = load_settings(params_path)
+    tracker = Tracker(settings.registry)
+    version = str(_version(tracker, which).version)
+    try:
+        return files_of_mlflow_model(tracker.download_version(version, work / "model")), version
+    except BadRequest as exc:
+        raise RequantError(f"version {version} cannot be served by requant's front ({exc}): serve it with "
+                           "`mlflow models serve`") from exc
+
+
+def _served(tracker: Tracker, settings, knobs, version: str, work: Path):
+    """The version served as loadtest.front says: requant's front on its registry download, or `mlflow models serve`."""
+    if knobs.front == "mlflow":
+        return load.served_model(f"models:/{settings.registry.serving_model_name}/{version}", tracker.uri,
+                                 knobs.server_workers, knobs.server_start_timeout_s)
+    try:
+        files = files_of_mlflow_model(tracker.download_version(version, work / "model"))
+    except BadRequest as exc:
+        raise RequantError(f"version {version} cannot be served by requant's front ({exc}); "
+                           "set loadtest.front: mlflow") from exc
+    return served_front(files, knobs.server_start_timeout_s)
+
+
 @dataclass
 class RolloutOutcome:
     """What `requant rollout` compared and decided."""
@@ -127,8 +157,13 @@ class RolloutOutcome:
 
 
 def _labels_of(model):
-    """A pyfunc serving model as a texts -> labels function."""
-    return lambda texts: model.predict(pd.DataFrame({TEXT: texts}))["label"].tolist()
+    """A pyfunc serving model as a texts -> labels function (a list of answers, or a DataFrame from
+    versions logged before the served model took type hints)."""
+    def labels(texts):
+        answers = model.predict(pd.DataFrame({TEXT: list(texts)}))
+        return answers["label"].tolist() if isinstance(answers, pd.DataFrame) else [a["label"] for a in answers]
+
+    return labels
 
 
 def rollout(params_path: str, sample: str | None = None, text_column: str | None = None,

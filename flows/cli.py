@@ -9,7 +9,8 @@
     requant webhook-receiver   receive MLflow registry webhooks and emit Prefect events
     requant register-webhook   create the MLflow webhook that calls the receiver
     requant fetch-data         get missing data CSVs from the mirror or the public source (sha256-checked)
-    requant loadtest  serve a version, ramp the load (Locust), compare served capacity with the cost model
+    requant serve-model  serve a version of the serving model (requant's front: batching, 4xx on bad input)
+    requant loadtest  serve a version, ramp the load, find its capacity at the p95 target, compare with the price
     requant rollout   replay traffic through production and challenger; flip production if the challenger holds
     requant rollback  move production back to the version it replaced, recorded with who, when and why
 
@@ -70,6 +71,14 @@ def _parser() -> argparse.ArgumentParser:
     hook.add_argument("--params", default="params.yaml")
     hook.add_argument("--url", required=True, help="The receiver's URL, e.g. http://127.0.0.1:8788/mlflow")
 
+    serve_model = sub.add_parser("serve-model", help="Serve a version with requant's front (POST /invocations).")
+    serve_model.add_argument("--params", default="params.yaml")
+    serve_model.add_argument("--version", default="production",
+                             help="A serving-model version number or alias (default: production).")
+    serve_model.add_argument("--host", default="127.0.0.1")
+    serve_model.add_argument("--port", type=int, default=5001)
+    serve_model.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core).")
+
     loadtest = sub.add_parser("loadtest", help="Serve a version on 127.0.0.1 and find its capacity at the p95 target.")
     loadtest.add_argument("--params", default="params.yaml")
     loadtest.add_argument("--version", default="production",
@@ -111,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"train": _train, "run": _run, "status": _status, "report": _report, "recipes": _recipes, "serve": _serve,
                     "webhook-receiver": _webhook_receiver, "register-webhook": _register_webhook,
-                    "fetch-data": _fetch_data, "loadtest": _loadtest, "rollout": _rollout, "rollback": _rollback}
+                    "fetch-data": _fetch_data, "loadtest": _loadtest, "serve-model": _serve_model, "rollout": _rollout, "rollback": _rollback}
         return commands[args.command](args)
     except BaseException as exc:
         stop = interrupts.received()
@@ -307,6 +316,20 @@ def _fetch_data(args) -> int:
     for result in ensure_data(load_settings(args.params).data):
         where = f"fetched from {result.fetched_from} (sha256 checked)" if result.fetched_from else "present"
         print(f"{result.split}: {result.path}: {where}")
+    return 0
+
+
+def _serve_model(args) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from flows.after_decision import served_version_files
+    from tasks.serve_front import serve
+
+    with tempfile.TemporaryDirectory(prefix="requant-serve-") as work:
+        files, version = served_version_files(args.params, args.version, Path(work))
+        print(f"serving version {version} on http://{args.host}:{args.port}/invocations (Ctrl-C stops)", flush=True)
+        serve(files, args.host, args.port, args.threads)
     return 0
 
 

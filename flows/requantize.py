@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -33,7 +33,7 @@ from tasks.candidates import (
 )
 from tasks.cost_analysis import analyse
 from tasks.cost_analysis import render_markdown as render_cost
-from tasks.data_prep import LABEL
+from tasks.data_prep import LABEL, TEXT
 from tasks.decision import (
     candidate_record,
     check_reference,
@@ -44,6 +44,8 @@ from tasks.decision import (
     same_graph_as_production,
     screening_record,
 )
+from tasks.errors import RequantError
+from tasks.loadtest import slo_ms
 from tasks.locking import exclusive
 from tasks.mixed_search import MixedSearchResult, search_kept_fp32
 from tasks.models.base import open_model
@@ -59,6 +61,8 @@ from tasks.report import (
 from tasks.result_cache import ResultCache
 from tasks.search import Budget
 from tasks.search_space import expand_all
+from tasks.serve_front import ServedFiles, files_of_mlflow_model
+from tasks.served_pricing import contenders, reprice
 from tasks.selection import Reference as QualityReference
 from tasks.selection import select
 from tasks.sensitivity import GroupSensitivity, cached_ranking, rank_groups, spread_rows
@@ -113,6 +117,9 @@ def decision_key(source_digest: str, data: data_version.DataVersion, settings: S
     knobs = {name: getattr(settings, name).model_dump(mode="json")
              for name in ("quantize", "evaluate", "cost", "quality_bar", "search", "qat")}
     knobs["max_length"] = settings.model.max_length
+    knobs["serving"] = settings.serving.model_dump(mode="json")  # prices come from the served model
+    knobs["served_load"] = {"slo_p95_ms": slo_ms(settings.loadtest, settings.quality_bar),
+                            "texts_per_request": settings.loadtest.texts_per_request}
     knobs["serving_model"] = settings.registry.serving_model_name
     where = {"cpu_model": host.get("cpu_model"), "cpu_flags": host.get("cpu_flags"), "cpu_count": host.get("cpu_count"),
              "profile": profile_name, "runtime": runtime_versions()}
@@ -129,6 +136,7 @@ build = task(build_candidate, name="quantize", cache_policy=NO_CACHE)
 score = task(score_candidate, name="evaluate", cache_policy=NO_CACHE)
 time_all = task(time_candidates, name="timing", cache_policy=NO_CACHE)
 escalate = task(qat.escalate, name="qat", cache_policy=NO_CACHE)
+serve_and_price = task(reprice, name="served-capacity", cache_policy=NO_CACHE)
 
 
 @flow(name="requantize", log_prints=False)
@@ -216,12 +224,14 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
             reference = build_reference(source.folder, evaluation, calibration, work_dir / "sources" / source.digest[:16],
                                         settings.model, settings.evaluate, settings.quantize.calibration_batch_size)
             check_reference(reference)
+            if reference.serving is not None:  # the served model batches and limits input as params.yaml says
+                reference.serving = replace(reference.serving, limits=settings.serving.limits())
 
         with clock.phase("quantize"):
             built = _build_all(settings, reference, source.digest, work_dir)
 
         with clock.phase("evaluate"):
-            production = tracker.fetch_production(work_dir / "production")
+            production, production_broken = _fetch_production(tracker, parent_id, work_dir)
             if production is not None:
                 built.append(production_candidate(production))
             # Per-row predictions are reused across runs and between the grid and the search.
@@ -274,9 +284,28 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
                      progress=lambda r, n: log.info("timing round %d/%d", r, n),
                      passes=lambda m: passes_quality(m, reference, settings.quality_bar))
 
+        quality = QualityReference(reference.quality.accuracy, reference.quality.hard_slice_accuracy)
+
+        def decide():
+            return select([m.for_selection(reference.y_true) for m in measured], quality, settings.quality_bar)
+
         with clock.phase("select"):
-            quality = QualityReference(reference.quality.accuracy, reference.quality.hard_slice_accuracy)
-            decision = select([m.for_selection(reference.y_true) for m in measured], quality, settings.quality_bar)
+            decision = decide()
+        served = {}
+        if settings.serving.price_from == "served":
+            with clock.phase("serve"):
+                # Served capacity of the winner, production and FP32; the rest through their ratio. The
+                # winner on served prices can differ from the batched one: then it is served too (once).
+                for _ in range(2):
+                    to_test = contenders(measured, decision.winner)
+                    if all(m.built.name in served for m in to_test):
+                        break
+                    serve_and_price(measured, to_test, lambda m: _served_files(m, reference, production, work_dir),
+                            evaluation[TEXT].tolist(), settings.loadtest, settings.serving,
+                            slo_ms(settings.loadtest, settings.quality_bar), profile, settings.cost.traffic,
+                            work_dir / "served", served)
+                    decision = decide()
+        with clock.phase("select"):
             winner = next((m for m in measured if m.built.name == decision.winner), None)
             confirmation = confirm_winner(winner, decision, reference, settings)
             same_graph_as_production(winner, decision, measured)
@@ -288,6 +317,9 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
             outcome = ("promoted" if decision.promote else
                        "not-confirmed" if confirmation and not confirmation["passed_bar"] else
                        "kept-production" if decision.winner else "no-candidate-passed")
+            if production_broken and not decision.promote:  # never "kept production" for a model that does not load
+                raise RequantError(f"{production_broken}, and no candidate replaces it ({decision.summary}): move "
+                                   "the production alias to a version that loads (requant rollback --to VERSION)")
 
         with clock.phase("track"):
             model_uris = record.log_candidates(tracker, parent_id, measured, reference, evaluation, calibration, data,
@@ -302,9 +334,11 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
             with clock.phase("select"):
                 # Registered now, but the alias moves only after the decision is on record.
                 promoted_version = tracker.register_winner(model_uris[winner.built.name], _version_tags(
-                    winner, key, source, data, parent_id), project / ".requant")
+                    winner, key, source, data, parent_id), project / ".requant",
+                    broken={production_broken.version} if production_broken else set())
 
-        analysis = analyse(measured, decision, profile, time.perf_counter() - started)
+        analysis = analyse(measured, decision, profile, time.perf_counter() - started,
+                           _priced_from(settings) if served else "batched in-process throughput")
         table = render_table(candidate_rows(measured, decision))
         alias = settings.registry.promotion_alias()  # production, or challenger with registry.rollout: challenger
         decided = {**decision.as_dict(), "outcome": outcome, "promoted_version": promoted_version,
@@ -313,6 +347,10 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
                    "hardware_profile": profile.name, "host": host, "search": search_record, "flow_pid": os.getpid(),
                    "confirmation": confirmation, "hard_slice_intents": reference.hard_classes,
                    "cost_analysis": analysis.as_dict(), "qat": escalation.record(decision),
+                   "pricing": {"price_from": settings.serving.price_from,
+                               "served": {name: c.as_dict() for name, c in served.items()},
+                               "candidates": {m.built.name: m.served_price.as_dict() for m in measured if m.served_price}},
+                   "production_broken": str(production_broken) if production_broken else None,
                    "screening": screening_record(measured, settings.evaluate, speed),
                    "rows": {"selection": len(reference.y_true),
                             "confirmation": len(reference.confirmation.y_true) if reference.confirmation else 0},
@@ -360,7 +398,9 @@ def publish_decision(measured: list[MeasuredCandidate], decision, summary_markdo
     rows = [{"candidate": name, "verdict": verdict_word(m, decision),
              "usd_per_month": m.cost.monthly_cost_usd if m.cost else None,
              "accuracy": round(m.quality.accuracy, 4) if m.quality else None,
-             "sent_per_s": round(m.speed.throughput_per_s) if m.speed else None, "reason": v.reason}
+             "batched_per_s": round(m.speed.throughput_per_s) if m.speed else None,
+             "served_per_s": round(m.served_price.sentences_per_s) if m.served_price else None,
+             "priced_from": m.served_price.basis if m.served_price else "batched", "reason": v.reason}
             for m in measured for name, v in [(m.built.name, decision.verdicts[m.built.name])]]
     create_table_artifact(rows, key="requant-candidates", description=f"requant: {decision.summary}")
     create_markdown_artifact(summary_markdown, key="requant-decision", description="requant decision, cost and candidates")
@@ -441,6 +481,41 @@ def _search_mixed(rank_groups_lazily: Callable[[], list[GroupSensitivity]], refe
     return result
 
 
+def _priced_from(settings: Settings) -> str:
+    return (f"served capacity: requests/s at p95 <= {slo_ms(settings.loadtest, settings.quality_bar):.0f} ms, "
+            f"{settings.loadtest.texts_per_request} text(s) per request, through the served model on this host "
+            "(winner, production and FP32 load-tested; the others through the served/batched ratio of the nearest)")
+
+
+def _fetch_production(tracker: Tracker, parent_id: str, work_dir: Path):
+    """(production version, None), or (None, the ProductionBroken error) when the version behind the alias is broken.
+
+    A broken production is said in one line, recorded on the run (tag requant.production_broken) and
+    not measured: the run then promotes a winner if one passes, and fails loudly otherwise.
+    """
+    try:
+        return tracker.fetch_production(work_dir / "production"), None
+    except tracking.ProductionBroken as exc:
+        log.error("%s; it is not kept: a passing winner replaces it", exc)
+        tracker.set_tags(parent_id, {tracking.TAG_PRODUCTION_BROKEN: str(exc)[:5000]})
+        return None, exc
+
+
+def _served_files(m: MeasuredCandidate, reference: Reference, production, work_dir: Path) -> ServedFiles | str:
+    """The files a candidate is served from: production's as downloaded from the registry, a new
+    candidate's graph with the reference's tokenizer and card; or why it cannot be served."""
+    if m.built.is_production:
+        if production is None or production.model_dir is None:
+            return "production is a plain ONNX version, not a text-in serving model"
+        return files_of_mlflow_model(production.model_dir)
+    if reference.serving is None:
+        return "this model family has no text-in serving model"
+    card = work_dir / "served" / "classifier.json"
+    card.parent.mkdir(parents=True, exist_ok=True)
+    reference.serving.write_card(card)
+    return ServedFiles(m.built.model_path, reference.serving.tokenizer_dir, card)
+
+
 def _version_tags(winner: MeasuredCandidate, key: str, source, data, parent_id: str) -> dict[str, str]:
     return {
         tracking.TAG_MODEL_SHA256: winner.built.model_sha256, tracking.TAG_PARENT_RUN: parent_id,
@@ -450,6 +525,7 @@ def _version_tags(winner: MeasuredCandidate, key: str, source, data, parent_id: 
         tracking.TAG_CANDIDATE: winner.built.name, tracking.TAG_CONFIG_HASH: winner.built.config_hash,
         tracking.TAG_DATA_VERSION: data.version, tracking.TAG_ACCURACY: f"{winner.quality.accuracy:.6f}",
         tracking.TAG_MONTHLY_COST: f"{winner.cost.monthly_cost_usd:.2f}",
+        "requant.priced_from": winner.served_price.describe() if winner.served_price else "batched in-process throughput",
     }
 
 

@@ -39,6 +39,7 @@ from tasks.result_cache import ResultCache
 from tasks.screening import Bar as ScreenBar
 from tasks.screening import ScreeningOutcome, sequential_screen
 from tasks.selection import Candidate
+from tasks.served_pricing import ServedPrice
 from tasks.settings import (
     CandidateSpec,
     EvaluateSettings,
@@ -76,6 +77,11 @@ class BuiltCandidate:
     # Why a cached build was not reused (it failed verification), for the record.
     rebuilt_because: str | None = None
     started_at_ms: int = 0  # when work on this candidate started (its MLflow run starts then)
+
+
+def is_baseline(built: BuiltCandidate) -> bool:
+    """The FP32 graph of the source model: always scored, timed and served, so savings are never unpriced."""
+    return built.recipe == "fp32" and not built.is_production
 
 
 @dataclass
@@ -125,6 +131,10 @@ class MeasuredCandidate:
     untimed_because: str | None = None
     # Median throughput in the speed screen's short rounds: a rough speed for candidates never timed in full.
     screen_throughput_per_s: float | None = None
+    # Where its price comes from (tasks/served_pricing.py): its own served capacity, a load-tested
+    # model's served/batched ratio, or batched throughput; `batched_cost` keeps the batched price.
+    served_price: ServedPrice | None = None
+    batched_cost: CostEstimate | None = None
 
     @property
     def screened_out(self) -> bool:
@@ -160,6 +170,20 @@ class MeasuredCandidate:
             out["accuracy_gain_vs_production_low"] = self.accuracy_gain_vs_production.low
         if self.speed:
             out.update(self.speed.as_dict())
+        if self.served_price:
+            out["priced_sentences_per_s"] = self.served_price.sentences_per_s
+            if self.served_price.ratio is not None:
+                out["served_to_batched_ratio"] = self.served_price.ratio
+            capacity = self.served_price.capacity
+            if capacity is not None and not capacity.error:
+                out["served_capacity_rps"] = capacity.capacity_rps
+                out["served_sentences_per_s"] = capacity.sentences_per_s
+                if capacity.capacity_high_rps is not None:
+                    out["served_capacity_high_rps"] = capacity.capacity_high_rps
+                if capacity.generator_cpu_percent is not None:
+                    out["served_generator_cpu_percent"] = capacity.generator_cpu_percent
+        if self.batched_cost:
+            out["batched_monthly_cost_usd"] = self.batched_cost.monthly_cost_usd
         if self.cost:
             out["monthly_cost_usd"] = self.cost.monthly_cost_usd
             out["instances"] = self.cost.instances
@@ -418,7 +442,7 @@ def time_candidates(measured: list[MeasuredCandidate], reference: Reference, eva
     for m in measured:
         if m.error or m.quality is None:
             continue
-        if passes is not None and not m.built.is_production and not passes(m):
+        if passes is not None and not m.built.is_production and not is_baseline(m.built) and not passes(m):
             m.untimed_because = UNTIMED_FAILING
             continue
         try:

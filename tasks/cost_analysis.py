@@ -34,6 +34,11 @@ class CostAnalysis:
     run_cost_usd: float
     # Hours of the new savings (vs production, else vs FP32) that pay for this run; None: no savings.
     payback_hours: float | None
+    priced_from: str = "batched in-process throughput"  # which throughput the dollar figures come from
+    # Per row, the figure behind its price (tasks/served_pricing.py: served, served-ratio or batched).
+    serving_basis: str | None = None
+    production_basis: str | None = None
+    fp32_basis: str | None = None
 
     @property
     def savings_vs_production_yearly_usd(self) -> float | None:
@@ -56,7 +61,7 @@ def _find(measured: list[MeasuredCandidate], predicate) -> MeasuredCandidate | N
 
 
 def analyse(measured: list[MeasuredCandidate], decision: Decision, profile: HardwareProfile,
-            run_seconds: float) -> CostAnalysis:
+            run_seconds: float, priced_from: str = "batched in-process throughput") -> CostAnalysis:
     """Price the decision.
 
     Example: production (FP32) costs $326/month, the promoted INT8 $130: savings $196/month,
@@ -89,7 +94,15 @@ def analyse(measured: list[MeasuredCandidate], decision: Decision, profile: Hard
         fp32_accuracy=fp32.quality.accuracy if fp32 else None,
         savings_vs_production_monthly_usd=vs_production, savings_vs_fp32_monthly_usd=vs_fp32,
         run_seconds=round(run_seconds, 1), run_cost_usd=round(run_cost, 4), payback_hours=payback,
+        priced_from=priced_from, serving_basis=_basis(serving), production_basis=_basis(production),
+        fp32_basis=_basis(fp32),
     )
+
+
+def _basis(m: MeasuredCandidate | None) -> str | None:
+    if m is None:
+        return None
+    return m.served_price.basis if m.served_price else "batched"
 
 
 def _usd(value: float | None) -> str:
@@ -109,13 +122,15 @@ def render_markdown(analysis: CostAnalysis) -> str:
     a = analysis
     accuracy = lambda value: "-" if value is None else f"{value:.2%}"  # noqa: E731
     lines = [
-        f"Priced on **{a.profile}** (${a.usd_per_hour}/hour) from throughput measured in this run.",
+        f"Priced on **{a.profile}** (${a.usd_per_hour}/hour) from {a.priced_from}, measured in this run.",
         "",
-        "| | model | $/month | accuracy |",
-        "|---|---|---|---|",
-        f"| before | {a.production or '(no production model)'} | {_usd(a.production_monthly_usd)} | {accuracy(a.production_accuracy)} |",
-        f"| after | {a.serving or '(nothing serving)'} | {_usd(a.serving_monthly_usd)} | {accuracy(a.serving_accuracy)} |",
-        f"| FP32 ONNX Runtime | fp32 | {_usd(a.fp32_monthly_usd)} | {accuracy(a.fp32_accuracy)} |",
+        "| | model | $/month | accuracy | priced from |",
+        "|---|---|---|---|---|",
+        f"| before | {a.production or '(no production model)'} | {_usd(a.production_monthly_usd)} | "
+        f"{accuracy(a.production_accuracy)} | {a.production_basis or '-'} |",
+        f"| after | {a.serving or '(nothing serving)'} | {_usd(a.serving_monthly_usd)} | {accuracy(a.serving_accuracy)} | "
+        f"{a.serving_basis or '-'} |",
+        f"| FP32 ONNX Runtime | fp32 | {_usd(a.fp32_monthly_usd)} | {accuracy(a.fp32_accuracy)} | {a.fp32_basis or '-'} |",
         "",
         f"- Savings vs production: **{_usd(a.savings_vs_production_monthly_usd)}/month**, "
         f"{_usd(a.savings_vs_production_yearly_usd)}/year",

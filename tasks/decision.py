@@ -95,6 +95,9 @@ def candidate_record(m: MeasuredCandidate, reference: Reference) -> dict:
             "accuracy_gain_vs_production_interval": (m.accuracy_gain_vs_production.as_list()
                                                      if m.accuracy_gain_vs_production else None),
             "price_note": m.cost.boundary_note() if m.cost else "",
+            # Which figure the price comes from: served (its own load test), served-ratio, or batched.
+            "priced_from": m.served_price.as_dict() if m.served_price else {"basis": "batched"} if m.cost else None,
+            "batched_cost": m.batched_cost.as_dict() if m.batched_cost else None,
             # Per-round rates in round order: the paired speed comparison can be re-checked from the record.
             "throughput_rounds_per_s": list(m.speed.throughput_rounds) if m.speed else [],
             **m.metrics(reference)}

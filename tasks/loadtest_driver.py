@@ -459,9 +459,10 @@ def next_rate(steps: list[dict], step_factor: float, resolution: float) -> tuple
     return math.sqrt(held * failed), "refine"
 
 
-async def warm_up(pool: ConnectionPool, requests: list[bytes], count: int, deadline: float) -> int:
-    """Send `count` requests one at a time (not measured), until `deadline`; return how many failed."""
-    failures = 0
+async def warm_up(pool: ConnectionPool, requests: list[bytes], count: int, deadline: float) -> tuple[int, float | None]:
+    """Send `count` requests one at a time (not measured), until `deadline`; return (how many failed,
+    the median latency in ms of those answered: the idle server's latency)."""
+    failures, latencies = 0, []
     for i in range(count):
         if time.perf_counter() >= deadline:
             break
@@ -473,7 +474,31 @@ async def warm_up(pool: ConnectionPool, requests: list[bytes], count: int, deadl
             failures += 1
             continue
         failures += record.failures
-    return failures
+        if not record.failures:
+            latencies += record.latencies_ms
+    return failures, (sorted(latencies)[len(latencies) // 2] if latencies else None)
+
+
+async def settle(pool: ConnectionPool, request: bytes, idle_ms: float | None, deadline: float) -> float:
+    """After a step that failed, wait until the server answers one request about as fast as when idle.
+
+    A server pushed past its capacity still holds a backlog of requests the last step gave up on;
+    the next step would measure that backlog, not its own rate. Probes go one at a time until one
+    is answered within max(3 x the idle latency, 20 ms), or until `deadline`. Returns the seconds spent.
+    """
+    began = time.perf_counter()
+    quick_ms = max(3 * (idle_ms or 5.0), 20.0)
+    while time.perf_counter() < deadline:
+        record = StepRecorder()
+        try:
+            await asyncio.wait_for(send(pool, request, time.perf_counter(), record),
+                                   timeout=max(0.05, deadline - time.perf_counter()))
+        except asyncio.TimeoutError:
+            break
+        if not record.failures and record.latencies_ms and record.latencies_ms[0] <= quick_ms:
+            break
+        await asyncio.sleep(0.05)
+    return time.perf_counter() - began
 
 
 async def search(spec: dict) -> dict:
@@ -485,12 +510,12 @@ async def search(spec: dict) -> dict:
     resolution = spec.get("resolution", DEFAULT_RESOLUTION)
     slo_ms, server_pid = spec["slo_ms"], spec.get("server_pid")
     # After its window a step waits this long at most for answers, so steps do not overlap.
-    drain_cap_s = 2 * slo_ms / 1000 + 2
+    drain_cap_s = 2 * slo_ms / 1000 + 0.5
     began, cpu_began = time.perf_counter(), time.process_time()
     deadline = began + spec["max_seconds"]
     warmup = spec.get("warmup_requests", DEFAULT_WARMUP_REQUESTS)
     # Warm-up may take a quarter of the time budget at most: it is not what is measured.
-    warmup_failures = await warm_up(pool, requests, warmup, began + spec["max_seconds"] / 4)
+    warmup_failures, idle_ms = await warm_up(pool, requests, warmup, began + spec["max_seconds"] / 4)
     steps: list[dict] = []
     sent, rate, phase = 0, spec["start_rps"], "ramp"
     stop_reason = f"reached max_steps ({spec['max_steps']})"
@@ -514,6 +539,8 @@ async def search(spec: dict) -> dict:
             stop_reason = following
             break
         rate, phase = following
+        if step["failed_because"]:  # the next step starts on an idle server, not on this one's backlog
+            step["settle_seconds"] = await settle(pool, requests[0], idle_ms, min(deadline - 1, time.perf_counter() + 5))
     pool.close_all()
     seconds = time.perf_counter() - began
     held, failed = interval(steps)
@@ -522,7 +549,7 @@ async def search(spec: dict) -> dict:
             "resolved": held is not None and failed is not None and failed / held - 1 <= resolution,
             "resolution": resolution,
             "generator_cpu_percent": 100.0 * (time.process_time() - cpu_began) / seconds if seconds > 0 else 0.0,
-            "warmup_requests": warmup, "warmup_failures": warmup_failures}
+            "warmup_requests": warmup, "warmup_failures": warmup_failures, "idle_latency_ms": idle_ms}
 
 
 def run(spec: dict) -> dict:

@@ -5,8 +5,20 @@ from __future__ import annotations
 from tasks.candidates import MeasuredCandidate
 from tasks.selection import Decision
 
+# "batched/s": in-process throughput in batches of 32 (q25-q75 of the timing rounds); "served/s": texts
+# per second the served model holds at the p95 target, with how it was found (load: its own load test,
+# ratio: its batched figure times a load-tested model's served/batched ratio). $/month prices served/s.
 COLUMNS = ("candidate", "precision", "accuracy", "loss vs FP32", "hard slice", "p50 ms", "p95 ms",
-           "sent/s (q25-q75)", "size MB", "$/month", "verdict")
+           "batched/s (q25-q75)", "served/s", "size MB", "$/month", "verdict")
+_BASIS_WORD = {"served": "load", "served-ratio": "ratio", "batched": "batched"}
+
+
+def served_cell(m: MeasuredCandidate) -> str:
+    """The served figure a candidate is priced on, and how it was found ("-" when priced on batched)."""
+    price = m.served_price
+    if price is None or price.basis == "batched":
+        return "-"
+    return f"{price.sentences_per_s:.0f} ({_BASIS_WORD[price.basis]})"
 
 
 def candidate_rows(measured: list[MeasuredCandidate], decision: Decision) -> list[tuple[str, ...]]:
@@ -25,6 +37,7 @@ def candidate_rows(measured: list[MeasuredCandidate], decision: Decision) -> lis
             f"{s.latency_p50_ms:.2f}" if s else "-",
             f"{s.latency_p95_ms:.2f}" if s else "-",
             f"{s.throughput_per_s:.0f} ({s.throughput_low_per_s:.0f}-{s.throughput_high_per_s:.0f})" if s else "-",
+            served_cell(m),
             f"{s.size_mb:.1f}" if s else "-",
             (f"{c.monthly_cost_usd:,.0f}" + ("*" if c.near_instance_boundary else "")) if c else "-",
             status,
@@ -125,11 +138,11 @@ def candidates_markdown(measured: list[MeasuredCandidate], decision: Decision) -
             f"{verdict.relative_accuracy_loss:+.2%}" if verdict.relative_accuracy_loss is not None else "-",
             f"{verdict.hard_slice_relative_loss:+.2%}" if verdict.hard_slice_relative_loss is not None else "-",
             f"{s.throughput_per_s:.0f} ({s.throughput_low_per_s:.0f}-{s.throughput_high_per_s:.0f})" if s else "-",
-            f"{s.latency_p95_ms:.2f}" if s else "-", f"{s.size_mb:.1f}" if s else "-",
+            served_cell(m), f"{s.latency_p95_ms:.2f}" if s else "-", f"{s.size_mb:.1f}" if s else "-",
             verdict.reason if m.built.name != decision.winner else "",
         ])
     return _md_table(["candidate", "verdict", "$/month", "accuracy", "loss vs FP32", "hard-slice loss",
-                      "sent/s (q25-q75)", "p95 ms", "MB", "why"], rows)
+                      "batched/s (q25-q75)", "served/s", "p95 ms", "MB", "why"], rows)
 
 
 def decision_markdown(decision: Decision, measured: list[MeasuredCandidate], outcome: str, cost_markdown: str,

@@ -27,8 +27,8 @@ alpha / (number of rivals) (Bonferroni over the rivals a candidate is compared w
     P(a candidate whose true speed is within `margin` of every rival is deferred) <= alpha
 
 for each candidate; a near-tie (ratio within the margin) is never deferred by design, and a true tie
-far less often than alpha. The production model is never deferred (it is always measured in full);
-it is a rival like the others.
+far less often than alpha. The production model and the FP32 baseline are never deferred (they are
+always measured in full: every saving is priced against them); they are rivals like the others.
 
 Worked example (10 candidates, 9 rivals, alpha 0.05, level 0.0056, R = 5, t = 4.47): FP32 at half
 the throughput of per-channel INT8 (mean d = 0.69) with a round-to-round spread of 10% (sd 0.10)
@@ -225,7 +225,10 @@ def screen_speed(built: list[BuiltCandidate], reference: Reference, evaluate: Ev
                                         "warmup_runs": settings.warmup_runs})
     samples = time_interleaved(sessions, reference.latency_feeds, reference.throughput_feeds[:settings.batches], short)
     rates = {name: s.throughput_per_s for name, s in samples.items() if s.error is None}
-    deferred = defer_slower(rates, settings.alpha, settings.margin, {b.name for b in ready if b.is_production})
+    # Production and the FP32 baseline are always measured in full: savings are priced against them.
+    # (the baseline rule of tasks.candidates.is_baseline, inlined: candidates.py imports this module)
+    protected = {b.name for b in ready if b.is_production or b.recipe == "fp32"}
+    deferred = defer_slower(rates, settings.alpha, settings.margin, protected)
     for name, outcome in deferred.items():
         log.info("%s: %s", name, outcome.reason)
     return SpeedScreen(True, rates=rates, deferred=deferred, seconds=time.perf_counter() - start)

@@ -639,6 +639,19 @@ class Tracker:
             raise RequantError(f"{name} has no version {version} (versions: {', '.join(map(str, known[-10:])) or 'none'}): "
                                "pass an existing version") from exc
 
+    def download_version(self, version: str, dst: Path) -> Path:
+        """Download a serving-model version (the whole MLflow model folder) into `dst`; return the folder.
+
+        Raises:
+            RequantError: the registry cannot give it.
+        """
+        try:
+            return Path(self._mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{self.settings.serving_model_name}/{version}", dst_path=str(dst)))
+        except Exception as exc:
+            raise RequantError(f"cannot download version {version} of {self.settings.serving_model_name}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+
     def fetch_production(self, dst: Path) -> ProductionVersion | None:
         """Download the production version from the registry and load it as it is served; return it.
 
@@ -684,16 +697,19 @@ class Tracker:
         return ProductionVersion(version=number, tags=dict(version.tags), model_path=graphs[0],
                                  model_dir=target if served else None)
 
-    def register_winner(self, model_uri: str, tags: dict[str, str], lock_dir: Path) -> str:
+    def register_winner(self, model_uri: str, tags: dict[str, str], lock_dir: Path,
+                        broken: set[str] = frozenset()) -> str:
         """Register the winner as a version of the serving model, without moving any alias; return the version.
 
         A version already registered for the same decision key is reused, never duplicated (a
-        rerun after an interrupted promotion finds it).
+        rerun after an interrupted promotion finds it), unless it is one of the `broken` versions
+        (it no longer loads from the registry): then the winner is registered anew.
         """
         name = self.settings.serving_model_name
         with exclusive(lock_dir, f"promote-{name}"):
             self._ensure_registered_model(name)
-            existing = self.client.search_model_versions(f"name = '{name}' and tags.`{TAG_KEY}` = '{tags[TAG_KEY]}'")
+            existing = [v for v in self.client.search_model_versions(
+                f"name = '{name}' and tags.`{TAG_KEY}` = '{tags[TAG_KEY]}'") if str(v.version) not in broken]
             version = existing[0] if existing else self._mlflow.register_model(model_uri, name, tags=tags)
         return str(version.version)
 

@@ -161,6 +161,9 @@ def tiny_project(tmp_path: Path, tiny_model_folder: Path, **sections: dict) -> P
         "evaluate": {"latency_runs": 20, "warmup_runs": 2, "throughput_batches": 1,
                      "timing_rounds": 3, "throughput_batch_size": 8, "speed_screening": {"enabled": False}},
         "search": {"enabled": False},
+        # Prices from batched throughput: the served measurement (a load test per contender) is tested by
+        # tests/test_served_pricing.py; here it would only add time to every flow run.
+        "serving": {"price_from": "batched"},
         "quality_bar": {"max_relative_accuracy_loss": 0.9, "max_hard_slice_relative_loss": 0.9, "gate": "point"},
         "registry": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "artifact_location": str(tmp_path / "art")},
         "quantize": {"candidates": [{"name": "fp32", "recipe": "fp32"},
