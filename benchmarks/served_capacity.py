@@ -65,6 +65,49 @@ def batched_throughput(model_path: Path, tokenizer_dir: Path, texts: list[str], 
     return statistics.median(rates)
 
 
+def idle_latency_ms(url: str, texts: list[str], count: int = 200) -> float:
+    """Median round trip of one request at a time (1 text): what a request costs when nothing queues."""
+    import urllib.request
+
+    times = []
+    for i in range(count):
+        body = json.dumps({"inputs": [texts[i % len(texts)]]}).encode()
+        request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
+        begin = time.perf_counter()
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            answer.read()
+        times.append(1000 * (time.perf_counter() - begin))
+    return statistics.median(times[count // 10:])
+
+
+def in_process_ms(files, texts: list[str], count: int = 300) -> dict[str, float]:
+    """Median in-process cost of one text's steps: tokenizer call, ONNX Runtime run, JSON in and out."""
+    import numpy as np
+
+    from tasks.serving import TextClassifier
+
+    classifier = TextClassifier(files.onnx_model, files.tokenizer, files.card)
+    steps = {"tokenizer": [], "onnx runtime": [], "json": [], "classify (batcher, all steps)": []}
+    for i in range(count):
+        text = texts[i % len(texts)]
+        begin = time.perf_counter()
+        encoded = classifier.tokenizer([text], padding=True, truncation=True, max_length=classifier.max_length,
+                                       return_tensors="np")
+        steps["tokenizer"].append(time.perf_counter() - begin)
+        feed = {n: encoded[n].astype(np.int64) for n in classifier.input_names}
+        begin = time.perf_counter()
+        classifier.session.run(["logits"], feed)
+        steps["onnx runtime"].append(time.perf_counter() - begin)
+        begin = time.perf_counter()
+        json.dumps({"predictions": classifier.classify(json.loads(json.dumps({"inputs": [text]}))["inputs"])})
+        steps["classify (batcher, all steps)"].append(time.perf_counter() - begin)
+        begin = time.perf_counter()
+        json.dumps({"predictions": [{"label": "x", "score": 0.5}]}), json.loads(json.dumps({"inputs": [text]}))
+        steps["json"].append(time.perf_counter() - begin)
+    classifier.batcher.close()
+    return {k: 1000 * statistics.median(v[count // 10:]) for k, v in steps.items()}
+
+
 def load(url: str, pid: int, texts: list[str], work: Path, expected_rps: float):
     """The refined capacity of a served model (tasks/loadtest.run_ramp)."""
     from tasks.loadtest import run_ramp
@@ -131,6 +174,8 @@ def main() -> int:
     rows = []
     for name, graph in models.items():
         batched = batched_throughput(graph, winner_files.tokenizer, texts, card["max_length"])
+        steps = in_process_ms(ServedFiles(graph, winner_files.tokenizer, winner_files.card), texts)
+        print(f"{name}: one text in process: " + ", ".join(f"{k} {v:.2f} ms" for k, v in steps.items()), flush=True)
         rows.append((name, "batched in process (32/batch)", batched, None, None, None))
         print(f"{name}: batched {batched:.0f} texts/s", flush=True)
         for label, limits in (("mlflow models serve, no batching", ServingLimits(max_batch_size=1)),
@@ -147,9 +192,11 @@ def main() -> int:
             else:
                 server = served_front(files)
             with server as (url, pid):
+                idle = idle_latency_ms(url, texts)
                 result = load(url, pid, texts, work / f"load-{len(rows)}", batched)
             rows.append((name, label, result.capacity_rps, result.capacity_high_rps, result.p95_ms_at_capacity,
                          result.generator_cpu_percent))
+            print(f"  {label}: one request at a time: median {idle:.1f} ms", flush=True)
             print(f"  {label}: {result.capacity_rps:.0f}-{result.capacity_high_rps or 0:.0f} requests/s "
                   f"(p95 {result.p95_ms_at_capacity or 0:.0f} ms, generator {result.generator_cpu_percent or 0:.0f}% "
                   f"of a core, {len(result.steps)} steps)", flush=True)

@@ -108,7 +108,8 @@ def loadtest_version(params_path: str, which: str = "production", sample: str | 
                               "served_cost": comparison.served_cost.as_dict() if comparison.served_cost else None,
                               "settings": knobs.model_dump()}, "loadtest.json")
     tags = {"requant.loadtest_capacity_rps": f"{result.capacity_rps:.2f}",
-            "requant.loadtest_slo_p95_ms": f"{target_ms:g}"}
+            "requant.loadtest_capacity_high_rps": f"{result.capacity_high_rps:.2f}" if result.capacity_high_rps else "",
+            "requant.loadtest_slo_p95_ms": f"{target_ms:g}", "requant.loadtest_front": knobs.front}
     if comparison.served_cost:
         tags["requant.served_monthly_cost_usd"] = f"{comparison.served_cost.monthly_cost_usd:.2f}"
     tracker.set_version_tags(str(version.version), tags)

@@ -76,6 +76,7 @@ def log_candidates(tracker: Tracker, parent_id: str, measured: list[MeasuredCand
             tracking.TAG_DATA_VERSION: data.version, "requant.precision": b.precision, "requant.parent_key": key,
             "requant.verdict": status, "requant.reason": verdict.reason if verdict else "",
             "requant.is_production": str(b.is_production).lower(),
+            **({"requant.priced_from": m.served_price.describe()} if m.served_price else {}),
             **({tracking.TAG_FAILURE: m.error} if m.error else {}),
         }, start_time_ms=b.started_at_ms or None)
         tracker.describe_run(run_id, candidate_markdown(m, decision)

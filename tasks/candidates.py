@@ -170,18 +170,10 @@ class MeasuredCandidate:
             out["accuracy_gain_vs_production_low"] = self.accuracy_gain_vs_production.low
         if self.speed:
             out.update(self.speed.as_dict())
-        if self.served_price:
+        if self.served_price:  # the same names for every priced candidate, load-tested or not
             out["priced_sentences_per_s"] = self.served_price.sentences_per_s
-            if self.served_price.ratio is not None:
-                out["served_to_batched_ratio"] = self.served_price.ratio
-            capacity = self.served_price.capacity
-            if capacity is not None and not capacity.error:
-                out["served_capacity_rps"] = capacity.capacity_rps
-                out["served_sentences_per_s"] = capacity.sentences_per_s
-                if capacity.capacity_high_rps is not None:
-                    out["served_capacity_high_rps"] = capacity.capacity_high_rps
-                if capacity.generator_cpu_percent is not None:
-                    out["served_generator_cpu_percent"] = capacity.generator_cpu_percent
+            out["served_to_batched_ratio"] = self.served_price.ratio if self.served_price.ratio is not None else 1.0
+            out["served_load_tested"] = float(self.served_price.basis == "served")
         if self.batched_cost:
             out["batched_monthly_cost_usd"] = self.batched_cost.monthly_cost_usd
         if self.cost:

@@ -167,27 +167,32 @@ def served_model(model_uri: str, tracking_uri: str, workers: int, start_timeout_
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                    start_new_session=True)
     try:
-        _wait_for_ping(url, process, log_path, start_timeout_s)
+        wait_for_ping(url, process, log_path, start_timeout_s)
         yield url, process.pid
     finally:
         _stop_group(process)
         log_path.unlink(missing_ok=True)
 
 
-def _wait_for_ping(url: str, process: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
+def wait_for_ping(url: str, process: subprocess.Popen, log_path: Path, timeout_s: float,
+                  what: str = "`mlflow models serve`", poll_s: float = 0.5) -> None:
+    """Wait until the server `process` answers GET /ping at `url`.
+
+    Raises:
+        RequantError: it exited first, or did not answer within `timeout_s` (its log's tail in the message).
+    """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RequantError(f"`mlflow models serve` exited with {process.returncode} before answering: "
-                               f"{_tail(log_path)}")
+            raise RequantError(f"{what} exited with {process.returncode} before answering: {_tail(log_path)}")
         try:
             with urllib.request.urlopen(f"{url}/ping", timeout=2) as answer:
                 if answer.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             pass
-        time.sleep(0.5)
-    raise RequantError(f"`mlflow models serve` did not answer {url}/ping within {timeout_s:.0f} s (raise "
+        time.sleep(poll_s)
+    raise RequantError(f"{what} did not answer {url}/ping within {timeout_s:.0f} s (raise "
                        f"loadtest.server_start_timeout_s): {_tail(log_path)}")
 
 
@@ -299,9 +304,11 @@ def summarise(ramp: dict, target_ms: float, texts_per_request: int) -> LoadtestR
 
 def compare_with_cost_model(result: LoadtestResult, run_metrics: dict[str, float], version_tags: dict[str, str],
                             profile: HardwareProfile | None, traffic: TrafficSettings | None) -> CapacityComparison:
-    """Served capacity vs the throughput the flow priced the version on (its run's throughput_low_per_s,
-    else throughput_per_s), with the served figure priced when `profile` and `traffic` are given."""
-    assumed = run_metrics.get("throughput_low_per_s") or run_metrics.get("throughput_per_s")
+    """Served capacity vs the throughput the flow priced the version on (its run's priced_sentences_per_s:
+    the served figure since prices are served prices; else, for versions decided before, its batched
+    throughput_low_per_s or throughput_per_s), with the served figure priced when `profile` and `traffic` are given."""
+    assumed = (run_metrics.get("priced_sentences_per_s") or run_metrics.get("throughput_low_per_s")
+               or run_metrics.get("throughput_per_s"))
     assumed_cost = run_metrics.get("monthly_cost_usd")
     if assumed_cost is None and version_tags.get("requant.monthly_cost_usd"):
         assumed_cost = float(version_tags["requant.monthly_cost_usd"])
@@ -352,10 +359,13 @@ def render(result: LoadtestResult, comparison: CapacityComparison, version: str)
         lines.append(f"load generator: {result.generator_cpu_percent:.0f}% of one core over the test (on this host "
                      f"beside the server: the CPU it takes is not the server's)")
     if comparison.assumed_sentences_per_s:
-        lines.append(f"cost model assumed: {comparison.assumed_sentences_per_s:.1f} sentences/s (batches in one process); "
-                     f"served / assumed = {comparison.ratio:.2f}")
+        lines.append(f"the decision priced it on: {comparison.assumed_sentences_per_s:.1f} sentences/s; "
+                     f"served now / as priced = {comparison.ratio:.2f}")
     if comparison.assumed_monthly_cost_usd is not None:
         lines.append(f"$/month as decided: ${comparison.assumed_monthly_cost_usd:,.2f}")
+        if comparison.served_cost and comparison.assumed_monthly_cost_usd:
+            gap = comparison.served_cost.monthly_cost_usd / comparison.assumed_monthly_cost_usd - 1
+            lines.append(f"repriced / decided: {gap:+.1%}")
     if comparison.served_cost:
         lines.append(f"$/month at the served capacity: ${comparison.served_cost.monthly_cost_usd:,.2f} "
                      f"({comparison.served_cost.instances} x {comparison.served_cost.profile})")

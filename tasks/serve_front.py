@@ -204,7 +204,7 @@ def served_front(files: ServedFiles, start_timeout_s: float = 120.0, threads: in
     Raises:
         RequantError: it exited or did not answer /ping within `start_timeout_s` (its log's tail in the message).
     """
-    from tasks.loadtest import _stop_group, free_port
+    from tasks.loadtest import _stop_group, free_port, wait_for_ping
 
     port = free_port()
     url = f"http://{HOST}:{port}"
@@ -216,33 +216,11 @@ def served_front(files: ServedFiles, start_timeout_s: float = 120.0, threads: in
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                    cwd=Path(__file__).resolve().parents[1], start_new_session=True)
     try:
-        _wait_until_up(url, process, log_path, start_timeout_s)
+        wait_for_ping(url, process, log_path, start_timeout_s, what="the serving front", poll_s=0.2)
         yield url, process.pid
     finally:
         _stop_group(process)
         log_path.unlink(missing_ok=True)
-
-
-def _wait_until_up(url: str, process: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
-    import time
-    import urllib.error
-    import urllib.request
-
-    from tasks.errors import RequantError
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = " | ".join(log_path.read_text(errors="replace").strip().splitlines()[-3:])[-600:]
-            raise RequantError(f"the serving front exited with {process.returncode} before answering: {tail or 'no output'}")
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=2) as answer:
-                if answer.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            pass
-        time.sleep(0.2)
-    raise RequantError(f"the serving front did not answer {url}/ping within {timeout_s:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> int:

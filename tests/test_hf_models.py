@@ -86,14 +86,14 @@ def test_transformers_flavor_version_is_requantized_and_promoted_as_a_text_model
     uri = load_settings(params).registry.tracking_uri
     mlflow.set_tracking_uri(uri)
     served = mlflow.pyfunc.load_model(f"models:/tiny-{arch}-serving@production")
-    answers = served.predict(TEXTS)
-    assert list(answers.columns) == ["label", "score"] and len(answers) == len(TEXTS)
-    assert set(answers["label"]) <= set(TINY_LABELS) and ((answers["score"] > 0) & (answers["score"] <= 1)).all()
+    answers = served.predict(TEXTS)  # one {"label", "score"} per text
+    assert len(answers) == len(TEXTS) and all(set(a) == {"label", "score"} for a in answers)
+    assert {a["label"] for a in answers} <= set(TINY_LABELS) and all(0 < a["score"] <= 1 for a in answers)
     # The FP32 candidate, as logged, answers exactly like the source model's own pipeline.
     fp32 = mlflow.pyfunc.load_model(candidate_model_uri(MlflowClient(uri), summary.parent_run_id, "fp32")).predict(TEXTS)
     expected = pipeline("text-classification", model=str(hf_project[1][arch]), device="cpu")(TEXTS)
-    assert fp32["label"].tolist() == [e["label"] for e in expected]
-    np.testing.assert_allclose(fp32["score"], [e["score"] for e in expected], atol=1e-4)
+    assert [a["label"] for a in fp32] == [e["label"] for e in expected]
+    np.testing.assert_allclose([a["score"] for a in fp32], [e["score"] for e in expected], atol=1e-4)
     # The raw graph is kept for teams that serve with ONNX Runtime directly.
     local = mlflow.artifacts.download_artifacts(f"models:/tiny-{arch}-serving@production")
     assert os.path.isfile(os.path.join(local, "artifacts", "model.onnx"))

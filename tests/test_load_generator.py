@@ -183,13 +183,13 @@ def test_driver_times_requests_from_their_due_time_when_the_server_stalls(tmp_pa
 
 
 def test_driver_cuts_off_requests_still_unanswered_after_the_step_and_counts_them_as_failures(tmp_path):
-    # The server stalls 4 s on its first request; the step waits at most 2 * 50 ms + 2 s after its 0.5 s.
+    # The server stalls 4 s on its first request; the step waits at most 2 * 50 ms + 0.5 s after its 0.5 s.
     with model_server(tmp_path, stall_s=4.0) as (url, pid):
         out = drive(tmp_path, url, pid, start_rps=10, step_seconds=0.5, slo_ms=50, warmup_requests=0, max_steps=1)
     (step,) = out["steps"]
     assert step["issued"] == 5 and step["requests"] == 0 and step["failures"] == 5
     assert step["errors"][0].startswith("5x cut off") and step["failed_because"] == "no request completed"
-    assert 2.5 <= step["seconds"] < 3.5 and step["p50_ms"] >= 2000
+    assert 1.0 <= step["seconds"] < 2.0 and step["p50_ms"] >= 500
 
 
 def test_driver_sends_again_on_a_fresh_connection_when_the_server_closed_a_kept_alive_one(tmp_path):

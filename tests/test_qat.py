@@ -79,7 +79,7 @@ def test_post_training_misses_the_bar_so_qat_runs_and_its_candidate_is_promoted(
     assert version.tags["requant.candidate"] == "qat-int8"
     mlflow.set_tracking_uri(registry.tracking_uri)
     served = mlflow.pyfunc.load_model("models:/tiny-escalated-serving@production")
-    assert set(served.predict(["I want to activate my new card"])["label"]) <= set(TINY_LABELS)
+    assert {a["label"] for a in served.predict(["I want to activate my new card"])} <= set(TINY_LABELS)
 
     # The attempt is a nested run with its training curve as step metrics, and the decision says why.
     experiment = client.get_run(summary.parent_run_id).info.experiment_id

@@ -72,7 +72,8 @@ def test_flow_prices_winner_production_and_fp32_from_served_capacity_and_a_broke
         assert served[name]["generator_cpu_percent"] is not None and served[name]["steps"] >= 1
         record = decision["candidates"][name]
         assert record["priced_from"]["basis"] == "served"
-        assert record["served_capacity_rps"] == served[name]["capacity_rps"]
+        assert record["served_load_tested"] == 1.0
+        assert record["priced_sentences_per_s"] == pytest.approx(served[name]["sentences_per_s"])
         assert record["monthly_cost_usd"] > 0 and record["batched_cost"]["monthly_cost_usd"] > 0
     # Every priced candidate says which figure its price comes from; savings are priced against FP32.
     assert all(c["priced_from"]["basis"] in ("served", "served-ratio") for c in decision["candidates"].values()
