@@ -113,8 +113,8 @@ def load(url: str, pid: int, texts: list[str], work: Path, expected_rps: float):
     from tasks.loadtest import run_ramp
     from tasks.settings import LoadtestSettings
 
-    knobs = LoadtestSettings(start_rps=max(5.0, expected_rps / 3), step_factor=1.5, step_seconds=4, max_steps=14,
-                             max_seconds=90, max_requests=100000, resolution=0.10, max_connections=256)
+    knobs = LoadtestSettings(start_rps=max(5.0, expected_rps / 3), step_factor=1.5, step_seconds=3, max_steps=14,
+                             max_seconds=60, max_requests=10**7, resolution=0.10, max_connections=256)
     return run_ramp(url, pid, texts, knobs, SLO_MS, work)
 
 

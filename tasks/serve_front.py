@@ -33,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from tasks.errors import RequantError
 from tasks.serving import BadRequest, QueueFull, TextClassifier, check_texts
 
 HOST = "127.0.0.1"
@@ -204,23 +205,43 @@ def served_front(files: ServedFiles, start_timeout_s: float = 120.0, threads: in
     Raises:
         RequantError: it exited or did not answer /ping within `start_timeout_s` (its log's tail in the message).
     """
+    with served_fronts([files], start_timeout_s, threads) as (front,):
+        if isinstance(front, Exception):
+            raise front
+        yield front
+
+
+@contextmanager
+def served_fronts(models: list[ServedFiles], start_timeout_s: float = 120.0,
+                  threads: int = 0) -> Iterator[list[tuple[str, int] | Exception]]:
+    """Serve several models at once, one front process each, started together (their start-up overlaps);
+    yield, per model, (url, pid) or the RequantError that says why it did not start. All are stopped
+    by their PIDs on the way out."""
     from tasks.loadtest import _stop_group, free_port, wait_for_ping
 
-    port = free_port()
-    url = f"http://{HOST}:{port}"
-    command = [sys.executable, "-m", "tasks.serve_front", *files.args(), "--host", HOST, "--port", str(port),
-               "--threads", str(threads)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "true"}
-    with tempfile.NamedTemporaryFile(prefix="requant-front-", suffix=".log", delete=False) as log:
-        log_path = Path(log.name)
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                   cwd=Path(__file__).resolve().parents[1], start_new_session=True)
+    started = []
     try:
-        wait_for_ping(url, process, log_path, start_timeout_s, what="the serving front", poll_s=0.2)
-        yield url, process.pid
+        for files in models:
+            port = free_port()
+            command = [sys.executable, "-m", "tasks.serve_front", *files.args(), "--host", HOST, "--port", str(port),
+                       "--threads", str(threads)]
+            with tempfile.NamedTemporaryFile(prefix="requant-front-", suffix=".log", delete=False) as log:
+                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                           env=env, cwd=Path(__file__).resolve().parents[1], start_new_session=True)
+            started.append((f"http://{HOST}:{port}", process, Path(log.name)))
+        fronts: list[tuple[str, int] | Exception] = []
+        for url, process, log_path in started:
+            try:
+                wait_for_ping(url, process, log_path, start_timeout_s, what="the serving front", poll_s=0.2)
+                fronts.append((url, process.pid))
+            except RequantError as exc:
+                fronts.append(exc)
+        yield fronts
     finally:
-        _stop_group(process)
-        log_path.unlink(missing_ok=True)
+        for _, process, log_path in started:
+            _stop_group(process)
+            log_path.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:

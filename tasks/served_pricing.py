@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tasks.cost import CostEstimate, monthly_cost
 from tasks.loadtest import run_ramp
-from tasks.serve_front import ServedFiles, served_front
+from tasks.serve_front import served_fronts
 from tasks.settings import HardwareProfile, LoadtestSettings, ServingSettings, TrafficSettings
 
 log = logging.getLogger("requant")
@@ -91,13 +91,13 @@ class ServedPrice:
                 "describe": self.describe()}
 
 
-def measure_capacity(files: ServedFiles, texts: list[str], loadtest: LoadtestSettings, serving: ServingSettings,
+def measure_capacity(url: str, pid: int, texts: list[str], loadtest: LoadtestSettings, serving: ServingSettings,
                      target_ms: float, expected_rps: float, work_dir: Path) -> ServedCapacity:
-    """Serve `files` with requant's front and find the request rate it holds at `target_ms` (p95).
+    """Find the request rate the served model at `url` (server process `pid`) holds at `target_ms` (p95).
 
     The ramp starts at 0.8 x the expected rate, so it reaches the limit in a few steps of
     `serving.step_seconds` (from below, or from above by descending), then refines to `loadtest.resolution`.
-    Failures are returned in `error`, not raised: a model that cannot be served is priced from
+    Failures are returned in `error`, not raised: a model that cannot be measured is priced from
     what else is known, and the record says why.
     """
     knobs = loadtest.model_copy(update={"step_seconds": serving.step_seconds, "max_seconds": serving.max_seconds,
@@ -106,18 +106,19 @@ def measure_capacity(files: ServedFiles, texts: list[str], loadtest: LoadtestSet
                                         # bounded by time (serving.max_seconds), not by a request count
                                         "max_requests": 10**8})
     try:
-        with served_front(files, loadtest.server_start_timeout_s) as (url, pid):
-            result = run_ramp(url, pid, texts, knobs, target_ms, work_dir)
-    except Exception as exc:  # a model that cannot be served: say why, price from the rest
-        return ServedCapacity(0.0, None, loadtest.texts_per_request, None, False, None, None, 0, 0.0,
-                              error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
+        result = run_ramp(url, pid, texts, knobs, target_ms, work_dir)
+    except Exception as exc:  # the generator failed: say why, price from the rest
+        return _unmeasured(loadtest, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     return ServedCapacity(
-        capacity_rps=result.capacity_rps, capacity_high_rps=getattr(result, "capacity_high_rps", None),
-        texts_per_request=result.texts_per_request, p95_ms=result.p95_ms_at_capacity,
-        resolved=bool(getattr(result, "resolved", False)),
-        generator_cpu_percent=getattr(result, "generator_cpu_percent", None),
-        server_cpu_percent=result.server_cpu_percent_at_capacity, steps=len(result.steps), seconds=result.seconds,
+        capacity_rps=result.capacity_rps, capacity_high_rps=result.capacity_high_rps,
+        texts_per_request=result.texts_per_request, p95_ms=result.p95_ms_at_capacity, resolved=result.resolved,
+        generator_cpu_percent=result.generator_cpu_percent, server_cpu_percent=result.server_cpu_percent_at_capacity,
+        steps=len(result.steps), seconds=result.seconds,
         error=None if result.capacity_rps > 0 else f"no step held the p95 target ({result.stop_reason})")
+
+
+def _unmeasured(loadtest: LoadtestSettings, why: str) -> ServedCapacity:
+    return ServedCapacity(0.0, None, loadtest.texts_per_request, None, False, None, None, 0, 0.0, error=why[:300])
 
 
 def price_all(batched: dict[str, float], served: dict[str, ServedCapacity], profile: HardwareProfile,
@@ -153,6 +154,15 @@ def price_all(batched: dict[str, float], served: dict[str, ServedCapacity], prof
     return priced
 
 
+def _log_capacity(name: str, capacity: ServedCapacity, target_ms: float) -> None:
+    if capacity.error:
+        log.warning("served capacity of %s not measured: %s", name, capacity.error)
+    else:
+        log.info("served %s: %.0f-%s requests/s at p95 <= %.0f ms (%d steps, %.0f s; load generator %.0f%% of a core)",
+                 name, capacity.capacity_rps, f"{capacity.capacity_high_rps:.0f}" if capacity.capacity_high_rps else "?",
+                 target_ms, capacity.steps, capacity.seconds, capacity.generator_cpu_percent or 0)
+
+
 def contenders(measured: list, winner: str | None) -> list:
     """The candidates whose served capacity is measured: the winner, production and the FP32 baseline
     (those timed in full; a candidate without a batched figure cannot be priced either way)."""
@@ -173,30 +183,29 @@ def reprice(measured: list, to_test: list, files_of, texts: list[str], loadtest:
     Args:
         files_of: candidate -> its ServedFiles, or a str saying why it cannot be served.
     """
-    for m in to_test:
-        name = m.built.name
-        if name in served:
-            continue
-        files = files_of(m)
-        if isinstance(files, str):
-            served[name] = ServedCapacity(0.0, None, loadtest.texts_per_request, None, False, None, None, 0, 0.0,
-                                          error=files)
-        else:
-            # Expected: its batched rate times the served/batched ratio already measured in this run
-            # (the front's per-request cost is much the same for every graph), else the batched rate.
-            ratios = [c.sentences_per_s / m2.speed.throughput_low_per_s for m2 in measured
-                      if (c := served.get(m2.built.name)) and not c.error and m2.speed]
-            ratio = sorted(ratios)[len(ratios) // 2] if ratios else 1.0
-            expected = ratio * m.speed.throughput_low_per_s / loadtest.texts_per_request
-            served[name] = measure_capacity(files, texts, loadtest, serving, target_ms, expected,
-                                            work_dir / f"served-{len(served)}")
-        capacity = served[name]
-        if capacity.error:
-            log.warning("served capacity of %s not measured: %s", name, capacity.error)
-        else:
-            log.info("served %s: %.0f-%s requests/s at p95 <= %.0f ms (%d steps, %.0f s; load generator %.0f%% of a core)",
-                     name, capacity.capacity_rps, f"{capacity.capacity_high_rps:.0f}" if capacity.capacity_high_rps else "?",
-                     target_ms, capacity.steps, capacity.seconds, capacity.generator_cpu_percent or 0)
+    pending = [m for m in to_test if m.built.name not in served]
+    files = {m.built.name: files_of(m) for m in pending}
+    for name, why in files.items():
+        if isinstance(why, str):
+            served[name] = _unmeasured(loadtest, why)
+            _log_capacity(name, served[name], target_ms)
+    servable = [m for m in pending if not isinstance(files[m.built.name], str)]
+    # Their servers start together (start-up is most of a short measurement), then are loaded one at a time.
+    with served_fronts([files[m.built.name] for m in servable], loadtest.server_start_timeout_s) as fronts:
+        for m, front in zip(servable, fronts):
+            name = m.built.name
+            if isinstance(front, Exception):
+                served[name] = _unmeasured(loadtest, str(front))
+            else:
+                # Expected: its batched rate times the served/batched ratio already measured in this run
+                # (the front's per-request cost is much the same for every graph), else the batched rate.
+                ratios = [c.sentences_per_s / other.speed.throughput_low_per_s for other in measured
+                          if (c := served.get(other.built.name)) and not c.error and other.speed]
+                ratio = sorted(ratios)[len(ratios) // 2] if ratios else 1.0
+                expected = ratio * m.speed.throughput_low_per_s / loadtest.texts_per_request
+                served[name] = measure_capacity(*front, texts, loadtest, serving, target_ms, expected,
+                                                work_dir / f"served-{len(served)}")
+            _log_capacity(name, served[name], target_ms)
     timed = {m.built.name: m for m in measured if m.speed is not None and m.cost is not None and not m.error}
     batched = {name: m.speed.throughput_low_per_s for name, m in timed.items()}
     for name, (price, cost) in price_all(batched, served, profile, traffic).items():

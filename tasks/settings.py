@@ -417,8 +417,8 @@ class ServingSettings(_Section):
         "served", description="'served': every price comes from served capacity (requests/s at the p95 target, measured "
                               "through the served model for the winner, production and FP32, and through their "
                               "served/batched ratio for the rest); 'batched': from in-process batched throughput.")
-    step_seconds: float = Field(2.0, gt=0, description="Served measurement in the flow: length of each load step.")
-    max_seconds: float = Field(20.0, gt=0, description="Served measurement in the flow: load seconds per model at most.")
+    step_seconds: float = Field(1.5, gt=0, description="Served measurement in the flow: length of each load step.")
+    max_seconds: float = Field(15.0, gt=0, description="Served measurement in the flow: load seconds per model at most.")
 
     def limits(self):
         """The limits the served model enforces (tasks.serving.ServingLimits)."""
