@@ -5,18 +5,19 @@ Run on purpose (not a test), after `make run` has promoted a version:
     PYTHONPATH=. .venv/bin/python benchmarks/loadtest_default.py [--params params.yaml] [--version production]
         [--slo-ms 100] [--texts-per-request 1] [--max-seconds 180] [--max-requests 20000]
 
-It serves the version with `mlflow models serve` on 127.0.0.1 (loadtest.server_workers uvicorn
-workers), ramps the request rate with Locust until a step misses the p95 target (or the budget
-runs out), and prints per step: offered and served requests/s, p50/p95, errors and the server's CPU.
-Then the two figures side by side, with what each costs per month on the host's hardware profile:
+It serves the version as `requant loadtest` does (loadtest.front: requant's front, or `mlflow models
+serve`) on 127.0.0.1, drives it with the open-loop load generator (tasks/loadtest_driver.py), ramps
+until a step misses the p95 target and refines to within loadtest.resolution, and prints per step:
+offered and served requests/s, p50/p95, errors, the server's and the generator's CPU. Then the two
+figures side by side, with what each costs per month on the host's hardware profile:
 
-  - the flow's estimate: the throughput it priced the version on (batches of
-    evaluate.throughput_batch_size in one process, low quantile over timing rounds);
-  - the served capacity: requests/s held at p95 <= target, each request carrying
-    --texts-per-request texts, through HTTP, JSON, tokenization and the pyfunc.
+  - the decision's figure: the served capacity the flow priced the version on (serving.price_from:
+    served), or its batched throughput for versions decided before;
+  - the served capacity now: requests/s held at p95 <= target, each request carrying
+    --texts-per-request texts, through HTTP, JSON, tokenization and the served model.
 
-The load generator runs on the same host as the server: on a 2-core machine they share the cores,
-which lowers the served figure; name the CPU next to any number quoted from it. The result is also
+The load generator runs on the same host as the server: on a 2-core machine they share the cores
+(its CPU is printed); name the CPU next to any number quoted from it. The result is also
 recorded as loadtest_* metrics on the version's run (same as `requant loadtest --reprice`).
 """
 

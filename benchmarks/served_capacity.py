@@ -135,7 +135,7 @@ def main() -> int:
     from tasks.serve_front import ServedFiles, files_of_mlflow_model, served_front
     from tasks.serving import ServingAssets, ServingLimits
     from tasks.settings import load_settings
-    from tasks.tracking import DECISION_FILE, Tracker
+    from tasks.tracking import DECISION_FILE, TAG_PARENT_RUN, Tracker
     from tests.registry_helpers import constant_label_graph
 
     settings = load_settings(args.params)
@@ -147,7 +147,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="requant-served-bench-"))
     winner_files = files_of_mlflow_model(tracker.download_version(production.version, work / "winner"))
     card = json.loads(winner_files.card.read_text())
-    decision = json.loads(Path(tracker.client.download_artifacts(production.tags["requant.parent_run"],
+    decision = json.loads(Path(tracker.client.download_artifacts(production.tags[TAG_PARENT_RUN],
                                                                  DECISION_FILE, str(work))).read_text())
     fp32 = decision["candidates"]["fp32"]
     project = Path(args.params).resolve().parent
@@ -193,7 +193,8 @@ def main() -> int:
                 server = served_front(files)
             with server as (url, pid):
                 idle = idle_latency_ms(url, texts)
-                result = load(url, pid, texts, work / f"load-{len(rows)}", batched)
+                # The no-op model's batched figure says nothing about serving: its ramp starts low.
+                result = load(url, pid, texts, work / f"load-{len(rows)}", batched if name != "noop" else 300)
             rows.append((name, label, result.capacity_rps, result.capacity_high_rps, result.p95_ms_at_capacity,
                          result.generator_cpu_percent))
             print(f"  {label}: one request at a time: median {idle:.1f} ms", flush=True)

@@ -438,6 +438,10 @@ def interval(steps: list[dict]) -> tuple[float | None, float | None]:
 
 # The lowest rate the search descends to when every step so far failed.
 MIN_RPS = 0.5
+# The highest rate a step offers: well above what one generator process on these hosts can issue (about
+# 8,000-16,000/s against a server that answers at once), so a start estimated from a huge batched
+# throughput cannot ask for millions of requests in one step.
+MAX_RPS = 20000.0
 
 
 def next_rate(steps: list[dict], step_factor: float, resolution: float) -> tuple[float, str] | str:
@@ -448,7 +452,9 @@ def next_rate(steps: list[dict], step_factor: float, resolution: float) -> tuple
     """
     held, failed = interval(steps)
     if failed is None:
-        return steps[-1]["offered_rps"] * step_factor, "ramp"
+        if steps[-1]["offered_rps"] >= MAX_RPS:
+            return f"held {MAX_RPS:.0f} requests/s, the most the generator offers"
+        return min(steps[-1]["offered_rps"] * step_factor, MAX_RPS), "ramp"
     if held is None:
         lower = failed / step_factor ** 2
         if lower < MIN_RPS:
@@ -517,7 +523,7 @@ async def search(spec: dict) -> dict:
     # Warm-up may take a quarter of the time budget at most: it is not what is measured.
     warmup_failures, idle_ms = await warm_up(pool, requests, warmup, began + spec["max_seconds"] / 4)
     steps: list[dict] = []
-    sent, rate, phase = 0, spec["start_rps"], "ramp"
+    sent, rate, phase = 0, min(spec["start_rps"], MAX_RPS), "ramp"
     stop_reason = f"reached max_steps ({spec['max_steps']})"
     while len(steps) < spec["max_steps"]:
         left_s, left_requests = deadline - time.perf_counter(), spec["max_requests"] - sent

@@ -26,8 +26,8 @@ except ImportError:  # inside the requant project
 
 CLASSIFIER_FILE = "classifier.json"
 log = logging.getLogger("requant.serving")
-# Set to INFO (or DEBUG) where the model is served to log every batch's size on stderr: how much
-# merging the load produces. Unset, the served model logs only warnings, like MLflow's server.
+# Set to DEBUG where the model is served to log every batch's size on stderr: how much merging the
+# load produces. Unset, the served model logs only warnings, like MLflow's server.
 LOG_LEVEL_ENV = "REQUANT_SERVING_LOG_LEVEL"
 
 __all__ = ["BadRequest", "CLASSIFIER_FILE", "QueueFull", "ServingAssets", "ServingLimits", "TextClassifier",
@@ -42,8 +42,8 @@ class BadRequest(ValueError):
 class ServingLimits:
     """How the served model batches and what it accepts (params.yaml `serving`, written into the model's card)."""
 
-    max_batch_size: int = 32  # texts merged into one model run at most
-    max_batch_tokens: int = 4096  # estimated padded tokens (texts x longest) per run at most
+    max_batch_size: int = 16  # texts merged into one model run at most
+    max_batch_tokens: int = 2048  # estimated padded tokens (texts x longest) per run at most
     max_wait_ms: float = 0.0  # how long a batch may wait for company once the worker is free
     max_queue: int = 512  # texts waiting at most; beyond it requests are shed (HTTP 503)
     max_texts_per_request: int = 256
@@ -125,7 +125,7 @@ class TextClassifier:
             self.classify_batch, max_batch_size=self.limits.max_batch_size,
             max_batch_tokens=self.limits.max_batch_tokens, max_wait_ms=self.limits.max_wait_ms,
             max_queue=self.limits.max_queue, tokens_of=self._estimated_tokens,
-            on_batch=lambda size: log.info("batch of %d texts", size))
+            on_batch=lambda size: log.debug("batch of %d texts", size))
 
     def _estimated_tokens(self, text: str) -> int:
         # About 4 characters a word piece in English; only the budget uses it, never the model.

@@ -405,8 +405,8 @@ class LoadtestSettings(_Section):
 class ServingSettings(_Section):
     """The served model (batching and input limits, written into its card) and the flow's served measurement."""
 
-    max_batch_size: int = Field(32, ge=1, description="Texts merged into one model run at most.")
-    max_batch_tokens: int = Field(4096, ge=1, description="Estimated padded tokens (texts x longest) per model run at most.")
+    max_batch_size: int = Field(16, ge=1, description="Texts merged into one model run at most.")
+    max_batch_tokens: int = Field(2048, ge=1, description="Estimated padded tokens (texts x longest) per model run at most.")
     max_wait_ms: float = Field(0.0, ge=0, description="How long a batch may wait for more requests once the model is "
                                                        "free (0: run what is waiting at once; batches still form under load).")
     max_queue: int = Field(512, ge=1, description="Texts waiting at most; beyond it a request is shed with HTTP 503.")

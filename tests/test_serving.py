@@ -110,7 +110,7 @@ def test_mlflow_models_serve_batches_concurrent_requests_and_answers_bad_input_w
                                        limits=ServingLimits(max_wait_ms=300))
     port, log_path = free_port(), tmp_path / "serve.log"
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracker.settings.tracking_uri, "HF_HUB_OFFLINE": "1",
-           LOG_LEVEL_ENV: "INFO", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+           LOG_LEVEL_ENV: "DEBUG", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     with open(log_path, "w") as log:
         server = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m",
                                    f"models:/served/{version}", "--env-manager", "local", "-h", "127.0.0.1",
