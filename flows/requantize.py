@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
@@ -300,11 +301,12 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
                     to_test = contenders(measured, decision.winner)
                     if all(m.built.name in served for m in to_test):
                         break
-                    serve_and_price(measured, to_test, lambda m: _served_files(m, reference, production, work_dir),
-                            evaluation[TEXT].tolist(), settings.loadtest, settings.serving,
-                            slo_ms(settings.loadtest, settings.quality_bar), profile, settings.cost.traffic,
-                            work_dir / "served", served)
+                    serve_and_price(measured, to_test, lambda m: _served_files(m, reference, production),
+                                    evaluation[TEXT].tolist(), settings.loadtest, settings.serving,
+                                    slo_ms(settings.loadtest, settings.quality_bar), profile, settings.cost.traffic,
+                                    work_dir / "served" / parent_id, served)
                     decision = decide()
+                shutil.rmtree(work_dir / "served" / parent_id, ignore_errors=True)  # the load driver's scratch files
         with clock.phase("select"):
             winner = next((m for m in measured if m.built.name == decision.winner), None)
             confirmation = confirm_winner(winner, decision, reference, settings)
@@ -501,7 +503,7 @@ def _fetch_production(tracker: Tracker, parent_id: str, work_dir: Path):
         return None, exc
 
 
-def _served_files(m: MeasuredCandidate, reference: Reference, production, work_dir: Path) -> ServedFiles | str:
+def _served_files(m: MeasuredCandidate, reference: Reference, production) -> ServedFiles | str:
     """The files a candidate is served from: production's as downloaded from the registry, a new
     candidate's graph with the reference's tokenizer and card; or why it cannot be served."""
     if m.built.is_production:
@@ -510,9 +512,8 @@ def _served_files(m: MeasuredCandidate, reference: Reference, production, work_d
         return files_of_mlflow_model(production.model_dir)
     if reference.serving is None:
         return "this model family has no text-in serving model"
-    card = work_dir / "served" / "classifier.json"
-    card.parent.mkdir(parents=True, exist_ok=True)
-    reference.serving.write_card(card)
+    # Beside the source model's tokenizer: each source model has its own labels (runs may overlap).
+    card = reference.serving.write_card(reference.serving.tokenizer_dir.parent / "served-classifier.json")
     return ServedFiles(m.built.model_path, reference.serving.tokenizer_dir, card)
 
 
