@@ -170,9 +170,11 @@ class MeasuredCandidate:
             out["accuracy_gain_vs_production_low"] = self.accuracy_gain_vs_production.low
         if self.speed:
             out.update(self.speed.as_dict())
-        if self.served_price:  # the same names for every priced candidate, load-tested or not
+        if self.served_price and self.served_price.ratio is not None:
+            # The same names for every candidate priced from served figures, load-tested or through a ratio
+            # (a run where nothing could be load-tested prices everyone on batched figures, and logs none).
             out["priced_sentences_per_s"] = self.served_price.sentences_per_s
-            out["served_to_batched_ratio"] = self.served_price.ratio if self.served_price.ratio is not None else 1.0
+            out["served_to_batched_ratio"] = self.served_price.ratio
             out["served_load_tested"] = float(self.served_price.basis == "served")
         if self.batched_cost:
             out["batched_monthly_cost_usd"] = self.batched_cost.monthly_cost_usd
