@@ -26,9 +26,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,21 +59,6 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def wait_for(url: str, process: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"uvicorn exited with {process.returncode} before answering")
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except urllib.error.HTTPError:
-            return
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            time.sleep(0.1)
-    raise SystemExit(f"uvicorn did not answer {url} within {timeout_s:.0f} s")
-
-
 def main() -> int:
     """Serve the no-op app, run the driver against it, print the steps and the ceiling."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -90,6 +72,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from tasks.loadtest import free_port
+    from tests.servers import wait_until_answering
 
     with tempfile.TemporaryDirectory(prefix="generator-ceiling-") as work:
         work_dir = Path(work)
@@ -103,7 +86,7 @@ def main() -> int:
                  "--no-access-log", "--log-level", "warning"],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         try:
-            wait_for(f"{url}/ping", server)
+            wait_until_answering(f"{url}/ping", server, work_dir / "uvicorn.log", timeout_s=30)
             spec = {"url": url, "server_pid": server.pid, "texts": ["I lost my card", "my top up failed"],
                     "texts_per_request": 1, "slo_ms": args.slo_ms, "start_rps": args.start_rps,
                     "step_factor": args.step_factor, "step_seconds": args.step_seconds, "max_steps": 20,
