@@ -46,17 +46,17 @@ def main() -> int:
     runtime.configure()
     import pandas as pd
 
-    from tasks.benchmark import cpu_info, measure_speed
-    from tasks.cost import monthly_cost
-    from tasks.data_version import reproduce_for_params
-    from tasks.evaluation import onnx_session, predict_onnx, quality_metrics
-    from tasks.model_io import ENCODER_DIR
-    from tasks.quality_gate import paired_relative_loss
-    from tasks.reference import prepare_reference
-    from tasks.settings import load_settings
-    from tasks.tracking import Tracker
-
-    from tasks.search_space import expand_all
+    from tasks.build.reference import prepare_reference
+    from tasks.config.loading import load_settings
+    from tasks.config.search_space import expand_all
+    from tasks.data.version import reproduce_for_params
+    from tasks.measure.cost import monthly_cost
+    from tasks.measure.quality_intervals import paired_relative_loss
+    from tasks.measure.scoring import predict_onnx, quality_metrics
+    from tasks.measure.timing import cpu_info, measure_speed
+    from tasks.models.graph import onnx_session
+    from tasks.models.io import ENCODER_DIR
+    from tasks.track.tracker import Tracker
 
     settings = load_settings(args.params)
     grid_size = len(expand_all(settings.quantize.candidates))

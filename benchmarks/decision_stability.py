@@ -40,16 +40,22 @@ def main() -> int:
     import numpy as np
     import pandas as pd
 
-    from tasks.benchmark import cpu_info
-    from tasks.candidates import build_candidate, score_candidate, time_candidates
-    from tasks.data_version import reproduce_for_params
-    from tasks.decision import check_reference, confirm_winner, passes_quality
-    from tasks.reference import prepare_reference
-    from tasks.search_space import expand_all
-    from tasks.selection import Reference as QualityReference
-    from tasks.selection import select
-    from tasks.settings import load_settings
-    from tasks.tracking import Tracker
+    from tasks.build.candidates import build_candidate
+    from tasks.build.reference import prepare_reference
+    from tasks.config.loading import load_settings
+    from tasks.config.search_space import expand_all
+    from tasks.data.version import reproduce_for_params
+    from tasks.decide.decision import (
+        check_reference,
+        confirm_winner,
+        for_selection,
+        passes_quality,
+    )
+    from tasks.decide.selection import Reference as QualityReference
+    from tasks.decide.selection import select
+    from tasks.evaluate.candidates import score_candidate, time_candidates
+    from tasks.measure.timing import cpu_info
+    from tasks.track.tracker import Tracker
 
     settings = load_settings(args.params)
     evaluate = settings.evaluate.model_copy(update={
@@ -78,7 +84,7 @@ def main() -> int:
         # As in the flow: only candidates that pass the bar on their scores are timed.
         time_candidates(measured, reference, evaluate, profile, settings.cost.traffic, measure_memory=False,
                         passes=lambda m: passes_quality(m, reference, settings.quality_bar))
-        decision = select([m.for_selection(reference.y_true) for m in measured], quality, settings.quality_bar)
+        decision = select([for_selection(m, reference.y_true) for m in measured], quality, settings.quality_bar)
         winner = next((m for m in measured if m.built.name == decision.winner), None)
         confirmation = confirm_winner(winner, decision, reference, settings)
         winners[decision.winner or "(none)"] += 1

@@ -6,7 +6,7 @@ Run on purpose (not a test):
         [--max-connections 256] [--max-seconds 150] [--resolution 0.10]
 
 It serves a no-op ASGI app (reads the body, answers a fixed prediction) under uvicorn with uvloop
-and httptools, one worker, on 127.0.0.1 and a free port, then runs `python -m tasks.loadtest_driver`
+and httptools, one worker, on 127.0.0.1 and a free port, then runs `python -m tasks.measure.load_driver`
 against it exactly as `requant loadtest` does (ramp x2, then bisection to --resolution). The rate
 that held is the most any `requant loadtest` figure measured on this host can be: above it the
 generator and the front, not the model, bound what is measured. It prints every step with the
@@ -71,7 +71,7 @@ def main() -> int:
     parser.add_argument("--resolution", type=float, default=0.10)
     args = parser.parse_args()
 
-    from tasks.loadtest import free_port
+    from tasks.serve.processes import free_port
     from tests.servers import wait_until_answering
 
     with tempfile.TemporaryDirectory(prefix="generator-ceiling-") as work:
@@ -94,7 +94,7 @@ def main() -> int:
                     "max_connections": args.max_connections, "max_error_rate": 0.01,
                     "resolution": args.resolution, "warmup_requests": 200}
             (work_dir / "spec.json").write_text(json.dumps(spec))
-            subprocess.run([sys.executable, "-m", "tasks.loadtest_driver", str(work_dir / "spec.json"),
+            subprocess.run([sys.executable, "-m", "tasks.measure.load_driver", str(work_dir / "spec.json"),
                             str(work_dir / "out.json")], cwd=ROOT, check=True, timeout=args.max_seconds + 60)
             out = json.loads((work_dir / "out.json").read_text())
         finally:

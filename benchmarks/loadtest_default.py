@@ -6,7 +6,7 @@ Run on purpose (not a test), after `make run` has promoted a version:
         [--slo-ms 100] [--texts-per-request 1] [--max-seconds 180] [--max-requests 20000]
 
 It serves the version as `requant loadtest` does (loadtest.front: requant's front, or `mlflow models
-serve`) on 127.0.0.1, drives it with the open-loop load generator (tasks/loadtest_driver.py), ramps
+serve`) on 127.0.0.1, drives it with the open-loop load generator (tasks/measure/load_driver.py), ramps
 until a step misses the p95 target and refines to within loadtest.resolution, and prints per step:
 offered and served requests/s, p50/p95, errors, the server's and the generator's CPU. Then the two
 figures side by side, with what each costs per month on the host's hardware profile:
@@ -45,7 +45,7 @@ def main() -> int:
 
     runtime.configure()
     from flows.after_decision import loadtest_version
-    from tasks.benchmark import cpu_info
+    from tasks.measure.timing import cpu_info
 
     overrides = {k: v for k, v in {"slo_p95_ms": args.slo_ms, "texts_per_request": args.texts_per_request,
                                    "max_seconds": args.max_seconds, "max_requests": args.max_requests}.items()

@@ -12,7 +12,7 @@ What it does, with the same code the flow runs (nothing is registered; a tempora
      test.csv, calibration rows from train.csv);
   2. every post-training candidate of params.yaml, plus the target (default: static INT8 with
      per-tensor weights, which misses the bar on this model), scored with the flow's gate;
-  3. QAT toward the target (tasks/qat.py: same recipe, same gate, training on calibration rows only),
+  3. QAT toward the target (tasks/train/qat.py: same recipe, same gate, training on calibration rows only),
      bounded by --max-steps and --max-minutes;
   4. the target, the QAT candidate and the passing post-training candidates timed in the same
      interleaved rounds, priced, and given to `select`.
@@ -46,16 +46,20 @@ def main() -> int:
     runtime.configure()
     import pandas as pd
 
-    from tasks import data_version, qat
-    from tasks.benchmark import cpu_info
-    from tasks.candidates import build_candidate, score_candidate, time_candidates
+    from tasks.build.candidates import build_candidate
+    from tasks.build.reference import prepare_reference
+    from tasks.config.loading import load_settings
+    from tasks.config.search_space import expand_all
+    from tasks.config.settings import CandidateSpec
+    from tasks.data import version as data_version
+    from tasks.decide.decision import for_selection
+    from tasks.decide.selection import Reference as QualityReference
+    from tasks.decide.selection import select
+    from tasks.evaluate.candidates import score_candidate, time_candidates
+    from tasks.measure.timing import cpu_info
     from tasks.models.base import open_model
-    from tasks.reference import prepare_reference
-    from tasks.search_space import expand_all
-    from tasks.selection import Reference as QualityReference
-    from tasks.selection import select
-    from tasks.settings import CandidateSpec, load_settings
-    from tasks.tracking import Tracker
+    from tasks.track.tracker import Tracker
+    from tasks.train import qat
 
     settings = load_settings(args.params)
     project = Path(args.params).resolve().parent
@@ -89,7 +93,7 @@ def main() -> int:
                                                          or qat.passes_quality(m, reference, settings))]
         time_candidates(timed, reference, settings.evaluate, profile, settings.cost.traffic)
         quality = QualityReference(reference.quality.accuracy, reference.quality.hard_slice_accuracy)
-        decision = select([m.for_selection(reference.y_true) for m in timed], quality, settings.quality_bar)
+        decision = select([for_selection(m, reference.y_true) for m in timed], quality, settings.quality_bar)
 
     print(f"host: {host['cpu_model']} ({host['cpu_count']} cores; flags: {host['cpu_flags']}); priced as {profile.name}")
     print(f"source: {source.uri}; FP32 accuracy {reference.quality.accuracy:.2%} on {len(reference.y_true)} selection rows "

@@ -28,13 +28,13 @@ def main() -> int:
     runtime.configure()
     import pandas as pd
 
-    from tasks.benchmark import cpu_info
-    from tasks.data_version import reproduce_for_params
+    from tasks.build.reference import prepare_reference
+    from tasks.config.loading import load_settings
+    from tasks.data.version import reproduce_for_params
+    from tasks.measure.sensitivity import rank_groups, ranking_agreement, spread_rows
+    from tasks.measure.timing import cpu_info
     from tasks.recipes.base import parse_config
-    from tasks.reference import prepare_reference
-    from tasks.sensitivity import rank_groups, ranking_agreement, spread_rows
-    from tasks.settings import load_settings
-    from tasks.tracking import Tracker
+    from tasks.track.tracker import Tracker
 
     settings = load_settings(args.params)
     samples = args.samples or settings.search.sensitivity_samples

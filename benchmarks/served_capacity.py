@@ -11,12 +11,12 @@ FP32 graph and the promoted winner:
   (b) batched in-process throughput: texts/s through ONNX Runtime in batches of 32, pre-tokenized,
       median of 5 rounds (what the flow measures);
   (c) served capacity: requests/s at p95 <= target, 1 text per request, open-loop load from
-      tasks/loadtest_driver.py refined to within 10%, through
+      tasks/measure/load_driver.py refined to within 10%, through
         - `mlflow models serve` with batching off (max_batch_size 1: one model run per request,
           as before the batcher),
         - `mlflow models serve` with the batcher (its scoring server calls predict from at most
           6 threads on 2 cores, so batches stay small),
-        - requant's front (tasks/serve_front.py) with the batcher: the documented way to serve.
+        - requant's front (tasks/serve/front.py) with the batcher: the documented way to serve.
 
 The load generator shares the host's cores with the server; its own CPU is printed per row. Name
 the CPU next to any figure quoted from this. `--texts wikitext` sends WikiText-2 lines (longer
@@ -43,8 +43,8 @@ def batched_throughput(model_path: Path, tokenizer_dir: Path, texts: list[str], 
     """Texts/s through ONNX Runtime in pre-tokenized batches (median over rounds), 2 intra-op threads."""
     import numpy as np
 
-    from tasks.evaluation import onnx_session
-    from tasks.model_io import load_tokenizer
+    from tasks.models.graph import onnx_session
+    from tasks.models.io import load_tokenizer
 
     session = onnx_session(model_path, 2)
     names = [i.name for i in session.get_inputs()]
@@ -84,7 +84,7 @@ def in_process_ms(files, texts: list[str], count: int = 300) -> dict[str, float]
     """Median in-process cost of one text's steps: tokenizer call, ONNX Runtime run, JSON in and out."""
     import numpy as np
 
-    from tasks.serving import TextClassifier
+    from tasks.serve.serving import TextClassifier
 
     classifier = TextClassifier(files.onnx_model, files.tokenizer, files.card)
     steps = {"tokenizer": [], "onnx runtime": [], "json": [], "classify (batcher, all steps)": []}
@@ -110,8 +110,8 @@ def in_process_ms(files, texts: list[str], count: int = 300) -> dict[str, float]
 
 def load(url: str, pid: int, texts: list[str], work: Path, expected_rps: float):
     """The refined capacity of a served model (tasks/loadtest.run_ramp)."""
-    from tasks.loadtest import run_ramp
-    from tasks.settings import LoadtestSettings
+    from tasks.config.settings import LoadtestSettings
+    from tasks.measure.loadtest import run_ramp
 
     knobs = LoadtestSettings(start_rps=max(5.0, expected_rps / 3), step_factor=1.5, step_seconds=3, max_steps=14,
                              max_seconds=60, max_requests=10**7, resolution=0.10, max_connections=256)
@@ -130,12 +130,12 @@ def main() -> int:
     runtime.configure()
     import pandas as pd
 
-    from tasks.benchmark import cpu_info
-    from tasks.loadtest import served_model
-    from tasks.serve_front import ServedFiles, files_of_mlflow_model, served_front
-    from tasks.serving import ServingAssets, ServingLimits
-    from tasks.settings import load_settings
-    from tasks.tracking import DECISION_FILE, TAG_PARENT_RUN, Tracker
+    from tasks.config.loading import load_settings
+    from tasks.measure.loadtest import served_model
+    from tasks.measure.timing import cpu_info
+    from tasks.serve.front import ServedFiles, files_of_mlflow_model, served_front
+    from tasks.serve.serving import ServingAssets, ServingLimits
+    from tasks.track.tracker import DECISION_FILE, TAG_PARENT_RUN, Tracker
     from tests.registry_helpers import constant_label_graph
 
     settings = load_settings(args.params)

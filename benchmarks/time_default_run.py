@@ -30,9 +30,9 @@ def main() -> int:
     from flows import runtime
 
     runtime.configure()
-    from tasks.benchmark import cpu_info
-    from tasks.settings import load_settings
-    from tasks.tracking import Tracker
+    from tasks.config.loading import load_settings
+    from tasks.measure.timing import cpu_info
+    from tasks.track.tracker import Tracker
 
     settings = load_settings(args.params)
     project = Path(args.params).resolve().parent

@@ -51,8 +51,8 @@ def main() -> int:
     runtime.configure()
     from mlflow import MlflowClient
 
-    from tasks.settings import load_settings
-    from tasks.tracking import tracking_uri
+    from tasks.config.loading import load_settings
+    from tasks.track.tracker import tracking_uri
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if not chromium:

@@ -1,7 +1,7 @@
 """After the decision: load-test a served version, roll a challenger out, roll production back.
 
-Wiring only, as in flows/requantize.py: the measuring and the rules are in tasks/loadtest.py,
-tasks/rollout.py and tasks/rollback.py, every MLflow call in tasks.tracking. Each step is a recorded
+Wiring only, as in flows/requantize.py: the measuring and the rules are in tasks/measure/loadtest.py,
+tasks/serve/rollout.py and tasks/serve/rollback.py, every MLflow call in tasks.track.tracker. Each step is a recorded
 MLflow run (or metrics on the version's own run, for a load test), and none of them moves
 production unless its rule says so.
 """
@@ -14,22 +14,23 @@ from pathlib import Path
 
 import pandas as pd
 
-from tasks import loadtest as load
-from tasks import tracking
-from tasks.data_prep import LABEL, TEXT
-from tasks.errors import RequantError
-from tasks.rollback import current_user
-from tasks.rollout import (
+from tasks.config.loading import load_settings
+from tasks.config.settings import Settings
+from tasks.core.errors import RequantError
+from tasks.data.prepare import LABEL, TEXT
+from tasks.measure import loadtest as load
+from tasks.serve.front import files_of_mlflow_model, served_front
+from tasks.serve.rollback import current_user
+from tasks.serve.rollout import (
     ShadowResult,
     TrafficSample,
     judge_rollout,
     read_traffic,
     replay,
 )
-from tasks.serve_front import files_of_mlflow_model, served_front
-from tasks.serving import BadRequest
-from tasks.settings import Settings, load_settings
-from tasks.tracking import Tracker
+from tasks.serve.serving import BadRequest
+from tasks.track import tracker as tracking
+from tasks.track.tracker import Tracker
 
 
 def _lock_dir(params_path: str) -> Path:
@@ -76,7 +77,7 @@ def loadtest_version(params_path: str, which: str = "production", sample: str | 
         params_path: params.yaml (sections loadtest, quality_bar, cost, registry).
         which: a version number, or an alias (production, challenger).
         sample: CSV of texts for the request bodies; default the prepared evaluation set.
-        reprice: price the served capacity with tasks/cost.py and record it on the version.
+        reprice: price the served capacity with tasks/measure/cost.py and record it on the version.
         overrides: loadtest settings to override (e.g. max_requests), for a shorter test.
     """
     settings = load_settings(params_path)
@@ -91,7 +92,7 @@ def loadtest_version(params_path: str, which: str = "production", sample: str | 
         result = load.run_ramp(url, pid, texts, knobs, target_ms, Path(work) / "load")
     profile = traffic = None
     if reprice:
-        from tasks.benchmark import cpu_info
+        from tasks.measure.timing import cpu_info
 
         profile, traffic = settings.cost.host_profile(cpu_info()["cpu_model"]), settings.cost.traffic
     comparison = load.compare_with_cost_model(result, tracker.version_run_metrics(version), dict(version.tags),

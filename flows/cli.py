@@ -85,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
                           help="A serving-model version number or alias (default: production).")
     loadtest.add_argument("--sample", default=None, help="CSV of request texts (default: the prepared evaluation set).")
     loadtest.add_argument("--reprice", action="store_true",
-                          help="Price the served capacity (tasks/cost.py) and record it on the version.")
+                          help="Price the served capacity (tasks/measure/cost.py) and record it on the version.")
     loadtest.add_argument("--max-requests", type=int, default=None, help="Override loadtest.max_requests.")
     loadtest.add_argument("--max-seconds", type=float, default=None, help="Override loadtest.max_seconds.")
     loadtest.add_argument("--json", action="store_true", help="Print the result as JSON.")
@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `requant` command."""
     args = _parser().parse_args(argv)
     runtime.configure(verbose=args.verbose)
-    from tasks import interrupts
-    from tasks.errors import RequantError
+    from tasks.core import interrupts
+    from tasks.core.errors import RequantError
 
     if args.command in ("train", "run"):
         # Ctrl-C and SIGTERM end the run as KILLED with the phase named, and promote nothing after.
@@ -133,12 +133,12 @@ def main(argv: list[str] | None = None) -> int:
             print("error: interrupted; nothing was promoted after the interruption", file=sys.stderr)
             return 130
         if isinstance(exc, RequantError):
-            from tasks.tracking import unmarked_note
+            from tasks.track.tracker import unmarked_note
 
             print(f"error: {exc}{unmarked_note(exc)}", file=sys.stderr)
             return getattr(exc, "exit_code", 2)
         if isinstance(exc, Exception):
-            from tasks.tracking import service_failure
+            from tasks.track.tracker import service_failure
 
             line = service_failure(exc, _written_folders(args))
             if line:
@@ -148,12 +148,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _written_folders(args) -> list:
-    """The folders this command writes to, so a full or read-only one is named (tasks/write_errors.py);
+    """The folders this command writes to, so a full or read-only one is named (tasks/core/write_errors.py);
     none when its params file cannot be read (that error is reported on its own)."""
     from pathlib import Path
 
-    from tasks.settings import load_settings
-    from tasks.write_errors import run_folders
+    from tasks.config.loading import load_settings
+    from tasks.core.write_errors import run_folders
 
     params = getattr(args, "params", None)
     if not params:
@@ -167,8 +167,8 @@ def _written_folders(args) -> list:
 
 
 def _train(args) -> int:
-    from tasks.settings import load_settings
-    from tasks.tracking import Tracker
+    from tasks.config.loading import load_settings
+    from tasks.track.tracker import Tracker
 
     settings = load_settings(args.params)
     family = args.family or settings.train.family
@@ -190,10 +190,10 @@ def _train(args) -> int:
 
 
 def _run(args) -> int:
-    from tasks.settings import load_settings
+    from tasks.config.loading import load_settings
 
     settings = load_settings(args.params)  # fail on a bad params.yaml before any server starts
-    from tasks.preflight import check_run_inputs
+    from tasks.build.preflight import check_run_inputs
 
     check_run_inputs(settings, args.model)  # and on a wrong model path or data file
     from flows.runners import requantize_for, require_prefect_api
@@ -218,8 +218,8 @@ def _run(args) -> int:
 
 
 def _status(args) -> int:
-    from tasks.settings import load_settings
-    from tasks.tracking import Tracker
+    from tasks.config.loading import load_settings
+    from tasks.track.tracker import Tracker
 
     settings = load_settings(args.params)
     tracker = Tracker(settings.registry)
@@ -245,9 +245,9 @@ def _status(args) -> int:
 def _report(args) -> int:
     from pathlib import Path
 
-    from tasks.report import html_page
-    from tasks.settings import load_settings
-    from tasks.tracking import Tracker
+    from tasks.config.loading import load_settings
+    from tasks.decide.report import html_page
+    from tasks.track.tracker import Tracker
 
     run_id, markdown_text = Tracker(load_settings(args.params).registry).decision_markdown(args.run)
     out = Path(args.out) / run_id
@@ -272,8 +272,8 @@ def _recipes(args) -> int:
 def _serve(args) -> int:
     import os
 
-    from tasks.errors import RequantError
-    from tasks.settings import load_settings
+    from tasks.config.loading import load_settings
+    from tasks.core.errors import RequantError
 
     settings = load_settings(args.params)
     if not os.environ.get("PREFECT_API_URL"):
@@ -297,9 +297,9 @@ def _register_webhook(args) -> int:
     import os
 
     from flows.webhook_receiver import SECRET_ENV
-    from tasks.errors import RequantError
-    from tasks.settings import load_settings
-    from tasks.tracking import Tracker
+    from tasks.config.loading import load_settings
+    from tasks.core.errors import RequantError
+    from tasks.track.tracker import Tracker
 
     secret = os.environ.get(SECRET_ENV)
     if not secret:
@@ -310,8 +310,8 @@ def _register_webhook(args) -> int:
 
 
 def _fetch_data(args) -> int:
-    from tasks.data_fetch import ensure_data
-    from tasks.settings import load_settings
+    from tasks.config.loading import load_settings
+    from tasks.data.fetch import ensure_data
 
     for result in ensure_data(load_settings(args.params).data):
         where = f"fetched from {result.fetched_from} (sha256 checked)" if result.fetched_from else "present"
@@ -324,7 +324,7 @@ def _serve_model(args) -> int:
     from pathlib import Path
 
     from flows.after_decision import served_version_files
-    from tasks.serve_front import serve
+    from tasks.serve.front import serve
 
     with tempfile.TemporaryDirectory(prefix="requant-serve-") as work:
         files, version = served_version_files(args.params, args.version, Path(work))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from flows.webhook_receiver import EVENT, resource_id
-from tasks.settings import Settings
+from tasks.config.settings import Settings
 
 DEPLOYMENT = "requantize"
 
@@ -33,7 +33,7 @@ def deployment_options(settings: Settings, params_path: Path) -> dict:
 
     name = source_model_name(settings)
     if name == settings.registry.serving_model_name:
-        from tasks.errors import RequantError
+        from tasks.core.errors import RequantError
 
         raise RequantError("model.source_uri names the serving model: a promotion would trigger itself; fix params.yaml")
     params = str(Path(params_path).resolve())

@@ -18,7 +18,7 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
                force: bool = False) -> RunSummary:
     """Requantize with the task runner params.yaml asks for; the arguments are requantize's own."""
     from flows.runners import requantize_for
-    from tasks.settings import load_settings
+    from tasks.config.loading import load_settings
 
     return requantize_for(load_settings(params_path))(params_path=params_path, model_uri=model_uri,
                                                       project_dir=project_dir, force=force)

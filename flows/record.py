@@ -1,6 +1,6 @@
 """The flow's MLflow record: nested candidate runs, the sensitivity ranking, the Pareto view.
 
-Thin helpers over the adapter (tasks.tracking) that know requant's domain objects.
+Thin helpers over the adapter (tasks.track.tracker) that know requant's domain objects.
 """
 
 from __future__ import annotations
@@ -13,18 +13,19 @@ from typing import Iterator
 
 import pandas as pd
 
-from tasks import data_version, tracking
-from tasks.candidates import MeasuredCandidate
-from tasks.cost_analysis import CostAnalysis
-from tasks.data_prep import LABEL, TEXT
-from tasks.pareto import Point, failure_word, frontier_table, plot_frontier
-from tasks.reference import Reference
-from tasks.report import candidate_markdown, short_names, verdict_word
-from tasks.selection import Decision
-from tasks.sensitivity import GroupSensitivity, plot_ranking
-from tasks.settings import Settings
-from tasks.tracking import Tracker
-from tasks.validation import data_docs_site
+from tasks.build.reference import Reference
+from tasks.config.settings import Settings
+from tasks.data import version as data_version
+from tasks.data.prepare import LABEL, TEXT
+from tasks.data.validate import data_docs_site
+from tasks.decide.cost_analysis import CostAnalysis
+from tasks.decide.pareto import Point, failure_word, frontier_table, plot_frontier
+from tasks.decide.report import candidate_markdown, short_names, verdict_word
+from tasks.decide.selection import Decision
+from tasks.evaluate.candidates import MeasuredCandidate
+from tasks.measure.sensitivity import GroupSensitivity, plot_ranking
+from tasks.track import tracker as tracking
+from tasks.track.tracker import Tracker
 
 
 def flat(prefix: str, values: dict) -> dict[str, object]:

@@ -1,6 +1,6 @@
 """The requantize flow: data -> source model -> candidates in parallel -> measure -> select -> promote.
 
-This module only wires: the work is in `tasks/`, the MLflow calls in `tasks.tracking`.
+This module only wires: the work is in `tasks/`, the MLflow calls in `tasks.track.tracker`.
 """
 
 from __future__ import annotations
@@ -22,54 +22,66 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import record
-from tasks import data_version, interrupts, qat, rollback, tracking, validation
-from tasks.benchmark import cpu_info
-from tasks.candidates import (
-    BuiltCandidate,
-    MeasuredCandidate,
-    build_candidate,
-    compare_with_production,
-    score_candidate,
-    time_candidates,
-)
-from tasks.cost_analysis import analyse
-from tasks.cost_analysis import render_markdown as render_cost
-from tasks.data_prep import LABEL, TEXT
-from tasks.decision import (
+from tasks.build.candidates import BuiltCandidate, build_candidate
+from tasks.build.reference import Reference, prepare_reference
+from tasks.config.loading import load_settings
+from tasks.config.search_space import expand_all
+from tasks.config.settings import CandidateSpec, Settings
+from tasks.core import interrupts
+from tasks.core.errors import RequantError
+from tasks.core.locking import exclusive
+from tasks.data import validate as validation
+from tasks.data import version as data_version
+from tasks.data.prepare import LABEL, TEXT
+from tasks.decide.cost_analysis import analyse
+from tasks.decide.cost_analysis import render_markdown as render_cost
+from tasks.decide.decision import (
     candidate_record,
     check_reference,
     confirm_winner,
+    for_selection,
     log_screening,
     passes_quality,
     production_candidate,
     same_graph_as_production,
     screening_record,
 )
-from tasks.errors import RequantError
-from tasks.loadtest import slo_ms
-from tasks.locking import exclusive
-from tasks.mixed_search import MixedSearchResult, search_kept_fp32
-from tasks.models.base import open_model
-from tasks.recipes.base import config_hash, parse_config, recipe_class, runtime_versions
-from tasks.reference import Reference, prepare_reference
-from tasks.report import (
+from tasks.decide.mixed_search import MixedSearchResult, search_kept_fp32
+from tasks.decide.report import (
     candidate_rows,
     decision_markdown,
     render_decision,
     render_table,
     verdict_word,
 )
-from tasks.result_cache import ResultCache
-from tasks.search import Budget
-from tasks.search_space import expand_all
-from tasks.serve_front import ServedFiles, files_of_mlflow_model
-from tasks.served_pricing import contenders, reprice
-from tasks.selection import Reference as QualityReference
-from tasks.selection import select
-from tasks.sensitivity import GroupSensitivity, cached_ranking, rank_groups, spread_rows
-from tasks.settings import CandidateSpec, Settings, load_settings
-from tasks.speed_screen import bring_back_deferred, screen_speed
-from tasks.tracking import Tracker
+from tasks.decide.search import Budget
+from tasks.decide.selection import Reference as QualityReference
+from tasks.decide.selection import select
+from tasks.evaluate.candidates import (
+    MeasuredCandidate,
+    compare_with_production,
+    score_candidate,
+    time_candidates,
+)
+from tasks.evaluate.speed import bring_back_deferred, screen_speed
+from tasks.measure.loadtest import slo_ms
+from tasks.measure.result_cache import ResultCache
+from tasks.measure.sensitivity import (
+    GroupSensitivity,
+    cached_ranking,
+    rank_groups,
+    spread_rows,
+)
+from tasks.measure.served_pricing import contenders, reprice
+from tasks.measure.timing import cpu_info
+from tasks.models.base import open_model
+from tasks.recipes.base import config_hash, parse_config, recipe_class, runtime_versions
+from tasks.serve import rollback
+from tasks.serve.front import ServedFiles, files_of_mlflow_model
+from tasks.serve.serving import ServingLimits
+from tasks.track import tracker as tracking
+from tasks.track.tracker import Tracker
+from tasks.train import qat
 
 log = logging.getLogger("requant")
 DECISION_MARKDOWN = "decision.md"  # the parent's description as a file: `requant report` renders it
@@ -155,7 +167,7 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
             across runs); default: PROJECT/models/work.
     """
     # Prefect installed its SIGTERM handler for this flow run: chain ours in front of it, so the
-    # phase is recorded and the run ends KILLED with the reason (tasks/interrupts.py).
+    # phase is recorded and the run ends KILLED with the reason (tasks/core/interrupts.py).
     interrupts.install()
     clock, started = PhaseClock(), time.perf_counter()
     with clock.phase("setup"):
@@ -226,7 +238,7 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
                                         settings.model, settings.evaluate, settings.quantize.calibration_batch_size)
             check_reference(reference)
             if reference.serving is not None:  # the served model batches and limits input as params.yaml says
-                reference.serving = replace(reference.serving, limits=settings.serving.limits())
+                reference.serving = replace(reference.serving, limits=ServingLimits.from_dict(settings.serving.model_dump()))
 
         with clock.phase("quantize"):
             built = _build_all(settings, reference, source.digest, work_dir)
@@ -288,7 +300,7 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
         quality = QualityReference(reference.quality.accuracy, reference.quality.hard_slice_accuracy)
 
         def decide():
-            return select([m.for_selection(reference.y_true) for m in measured], quality, settings.quality_bar)
+            return select([for_selection(m, reference.y_true) for m in measured], quality, settings.quality_bar)
 
         with clock.phase("select"):
             decision = decide()

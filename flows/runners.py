@@ -6,8 +6,8 @@ import os
 import urllib.error
 import urllib.request
 
-from tasks.errors import RequantError
-from tasks.settings import OperationsSettings, Settings
+from tasks.config.settings import OperationsSettings, Settings
+from tasks.core.errors import RequantError
 
 
 def task_runner(operations: OperationsSettings):

@@ -114,7 +114,7 @@ def _spawn_prefect_server(settings_env: dict[str, str]) -> tuple[subprocess.Pope
     """Start Prefect's API app under uvicorn on 127.0.0.1 and a free port, as Prefect's own temporary server."""
     import prefect
 
-    from tasks.loadtest import free_port
+    from tasks.serve.processes import free_port
 
     port = free_port()
     env = {**os.environ, **settings_env,
@@ -132,7 +132,7 @@ def _wait_healthy(server: subprocess.Popen, url: str, timeout_s: float, raise_er
     import urllib.error
     import urllib.request
 
-    from tasks.errors import RequantError
+    from tasks.core.errors import RequantError
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

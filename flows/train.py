@@ -10,12 +10,13 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.data_prep import LABEL, TEXT, load_split
-from tasks.evaluation import label_indices, predict_torch, tokenized_batches
-from tasks.model_io import load_classifier, resolve_encoder_dir
-from tasks.settings import DataSettings, ModelSettings, TrainSettings, load_settings
-from tasks.tracking import Tracker
-from tasks.training import train_baseline
+from tasks.config.loading import load_settings
+from tasks.config.settings import DataSettings, ModelSettings, TrainSettings
+from tasks.data.prepare import LABEL, TEXT, load_split
+from tasks.measure.scoring import label_indices, predict_torch, tokenized_batches
+from tasks.models.io import load_classifier, resolve_encoder_dir
+from tasks.track.tracker import Tracker
+from tasks.train.training import train_baseline
 
 log = logging.getLogger("requant")
 
@@ -59,7 +60,11 @@ def fine_tune_classifier(data: DataSettings, model: ModelSettings, train_setting
     """Fine-tune the base encoder end to end as a sequence classifier; save it as a Hugging Face folder."""
     from transformers import AutoTokenizer
 
-    from tasks.finetune import build_sequence_classifier, fine_tune, save_classifier
+    from tasks.train.finetune import (
+        build_sequence_classifier,
+        fine_tune,
+        save_classifier,
+    )
 
     train = load_split(data.train_csv, data.text_column, data.label_column, data.train_sha256)
     base = resolve_encoder_dir(model.base_encoder)

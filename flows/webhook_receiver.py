@@ -13,7 +13,7 @@ import logging
 import os
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from tasks import webhooks
+from tasks.track import webhooks
 
 log = logging.getLogger("requant")
 EVENT = "mlflow.model_version.created"
@@ -63,7 +63,7 @@ def serve_receiver(host: str, port: int) -> None:
     """Run the receiver until interrupted. The secret comes from REQUANT_WEBHOOK_SECRET."""
     secret = os.environ.get(SECRET_ENV)
     if not secret:
-        from tasks.errors import RequantError
+        from tasks.core.errors import RequantError
 
         raise RequantError(f"{SECRET_ENV} is not set: export the secret the MLflow webhook was created with")
     server = ThreadingHTTPServer((host, port), make_handler(secret))

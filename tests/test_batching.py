@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tasks.batching import AdaptiveBatcher, QueueFull
+from tasks.serve.batching import AdaptiveBatcher, QueueFull
 
 
 def test_concurrent_callers_each_get_exactly_their_own_answers_in_order_and_requests_are_merged():

@@ -1,6 +1,6 @@
 """Benchmarks given `--params other.yaml` read that file's data, as `requant run --params` does.
 
-A second params file gets a DVC stage of its own (`stages/<name>/`, tasks/data_version.py); a
+A second params file gets a DVC stage of its own (`stages/<name>/`, tasks/data/version.py); a
 benchmark that reads the root `dvc.lock` instead fails or, worse, measures params.yaml's data.
 """
 
@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tasks.data_version import reproduce_for_params
+from tasks.data.version import reproduce_for_params
 from tests.conftest import REPO, tiny_project
 
 

@@ -16,7 +16,7 @@ def test_two_simultaneous_runs_promote_exactly_once(tmp_path, tiny_model_folder)
     project = tiny_project(tmp_path, tiny_model_folder)
     db = tmp_path / "mlflow.db"
     # The data stage first, so both runs start from the same prepared data, as two schedulers would.
-    from tasks.data_version import reproduce
+    from tasks.data.version import reproduce
 
     reproduce(project, project / "data" / "prepared")
     command = [sys.executable, "-m", "flows.cli", "run", "--params", str(project / "params.yaml"),

@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from tasks.cost import monthly_cost
-from tasks.settings import HardwareProfile, TrafficSettings
+from tasks.config.settings import HardwareProfile, TrafficSettings
+from tasks.measure.cost import monthly_cost
 
 PROFILE = HardwareProfile(name="aws-c6a.large", usd_per_hour=0.0765)
 

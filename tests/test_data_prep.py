@@ -1,7 +1,9 @@
 import pandas as pd
 import pytest
 
-from tasks.data_prep import (
+from tasks.config.settings import DataSettings
+from tasks.core.errors import DataError
+from tasks.data.prepare import (
     CALIBRATION_FILE,
     LABEL,
     TEXT,
@@ -11,8 +13,6 @@ from tasks.data_prep import (
     sha256_of,
     stratified_sample,
 )
-from tasks.errors import DataError
-from tasks.settings import DataSettings
 
 
 def frame(counts: dict[str, int]) -> pd.DataFrame:
@@ -120,7 +120,7 @@ def _other_params(project, **data):
 
 
 def test_reproduce_prepares_the_data_of_the_params_file_given_with_its_own_stage_and_lock(dvc_project):
-    from tasks.data_version import reproduce
+    from tasks.data.version import reproduce
 
     default = reproduce(dvc_project, dvc_project / "data" / "prepared")
     main_lock = (dvc_project / "dvc.lock").read_text()
@@ -140,7 +140,7 @@ def test_reproduce_prepares_the_data_of_the_params_file_given_with_its_own_stage
 
 
 def test_reproduce_quotes_the_stage_error_and_keeps_no_stage_that_never_ran(dvc_project, tmp_path):
-    from tasks.data_version import reproduce
+    from tasks.data.version import reproduce
 
     header_only = tmp_path / "header.csv"
     header_only.write_text("text,category\n")
@@ -151,7 +151,7 @@ def test_reproduce_quotes_the_stage_error_and_keeps_no_stage_that_never_ran(dvc_
 
 
 def test_reproduce_refuses_a_params_file_writing_where_another_stage_writes(dvc_project):
-    from tasks.data_version import reproduce
+    from tasks.data.version import reproduce
 
     with pytest.raises(DataError, match=r"data.output_dir data/prepared is where DVC stage 'dvc.yaml:prepare_data'"):
         reproduce(dvc_project, dvc_project / "data" / "prepared", _other_params(dvc_project, calibration_size=12))
@@ -159,9 +159,9 @@ def test_reproduce_refuses_a_params_file_writing_where_another_stage_writes(dvc_
 
 
 def test_stage_failure_prefers_the_stage_line_then_its_exception_then_dvc():
-    from tasks.data_version import stage_failure
+    from tasks.data.version import stage_failure
 
-    dvc = "ERROR: failed to reproduce 'prepare_data': failed to run: python -m tasks.data_prep, exited with 2"
+    dvc = "ERROR: failed to reproduce 'prepare_data': failed to run: python -m tasks.data.prepare, exited with 2"
     assert stage_failure(f"error: train.csv is empty: fix it\n{dvc}") == "train.csv is empty: fix it"
     traceback = "Traceback (most recent call last):\n  File \"x.py\", line 1\nValueError: No objects to concatenate\n"
     assert stage_failure(traceback + dvc) == "the stage raised ValueError: No objects to concatenate"

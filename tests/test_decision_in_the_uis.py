@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tasks import tracking
+from tasks.track import tracker as tracking
 from tests.conftest import tiny_project
 
 pytestmark = pytest.mark.e2e

@@ -3,8 +3,8 @@
 from pathlib import Path
 
 from flows.requantize import decision_key
-from tasks.data_version import DataVersion
-from tasks.settings import load_settings
+from tasks.config.loading import load_settings
+from tasks.data.version import DataVersion
 from tests.conftest import REPO
 
 DATA = DataVersion(Path("c.csv"), Path("e.csv"), "c" * 32, "e" * 32)

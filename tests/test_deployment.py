@@ -3,7 +3,7 @@
 import yaml
 
 from flows.deploy import deployment_options, source_model_name
-from tasks.settings import load_settings
+from tasks.config.loading import load_settings
 from tests.conftest import REPO
 
 

@@ -1,6 +1,6 @@
 import numpy as np
 
-from tasks.evaluation import (
+from tasks.measure.scoring import (
     hard_slice,
     least_confident_classes,
     quality_metrics,
@@ -46,7 +46,7 @@ def test_quality_metrics_agreement_and_accuracy():
 
 
 def test_token_budget_batches_cover_every_row_once_within_both_limits_and_pad_less():
-    from tasks.model_io import token_budget_batches
+    from tasks.models.io import token_budget_batches
 
     rng = np.random.default_rng(0)
     # Banking77-like: mostly short queries, a long tail, and one text longer than the token budget.

@@ -50,7 +50,7 @@ SERVING = "minilm-banking77-serving"
 ALIAS = "production"
 TAG_KEY = "requant.decision_key"
 RUN_TIMEOUT_S = 300
-STOP_LIMIT_S = 40  # signal to exit: tasks/interrupts.py ends the process 30 s after the signal at the latest
+STOP_LIMIT_S = 40  # signal to exit: tasks/core/interrupts.py ends the process 30 s after the signal at the latest
 
 # Checks waiting on a fix not yet merged (name -> what it needs); none now.
 NEEDS_MAIN: dict[str, str] = {}
@@ -691,7 +691,7 @@ def test_tracking_server_down_from_the_start_fails_in_one_line(world):
     params = world.project / "params-closed.yaml"
     world.set_params(params, registry={"tracking_uri": f"http://127.0.0.1:{free_port()}"})
     done = world.start(params=params).finish()
-    # Refused before the flow starts (tasks/preflight.py): a store that cannot be used is a setting to fix.
+    # Refused before the flow starts (tasks/build/preflight.py): a store that cannot be used is a setting to fix.
     verdict.clean_error(done, 2, "cannot be used (Connection refused)")
     verdict.check(done.seconds < 120, f"took {done.seconds:.0f} s to give up")
     verdict.close()

@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.finetune import build_sequence_classifier, fine_tune, total_steps
-from tasks.settings import FinetuneSettings
+from tasks.config.settings import FinetuneSettings
+from tasks.train.finetune import build_sequence_classifier, fine_tune, total_steps
 from tests.conftest import BANKING77, tiny_project
 
 
@@ -37,7 +37,7 @@ def test_train_hf_finetune_registers_a_transformers_version_that_requantize_prom
 
     from flows.requantize import requantize
     from flows.train import train_and_register
-    from tasks.settings import load_settings
+    from tasks.config.loading import load_settings
 
     project = tiny_project(tmp_path, tiny_model_folder, model={"base_encoder": str(tiny_model_folder / "encoder")},
                            train={"finetune": {"registered_model_name": "tiny-ft", "max_steps": 6, "batch_size": 16}})

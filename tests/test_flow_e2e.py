@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tasks import tracking
-from tasks.errors import DataError
+from tasks.core.errors import DataError
+from tasks.track import tracker as tracking
 from tests.conftest import banking77_slice, make_project
 
 pytestmark = pytest.mark.e2e
@@ -47,8 +47,8 @@ def test_flow_logs_every_candidate_as_a_nested_run_with_the_same_metrics(project
     assert parent.info.status == "FINISHED"
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    from tasks.search_space import expand_all
-    from tasks.settings import load_settings
+    from tasks.config.loading import load_settings
+    from tasks.config.search_space import expand_all
 
     names = {r.data.tags[tracking.TAG_CANDIDATE] for r in children}  # run names are short; the full spec is a tag
     grid = {c.name for c in expand_all(load_settings(project[0] / "params.yaml").quantize.candidates)}

@@ -70,8 +70,8 @@ def no_tokenizer(folder, minilm_dir):
 
 def no_production(project) -> bool:
     """Whether the serving model's production alias is still unset (what `requant status` reports)."""
-    from tasks.settings import load_settings
-    from tasks.tracking import Tracker
+    from tasks.config.loading import load_settings
+    from tasks.track.tracker import Tracker
 
     return Tracker(load_settings(project / "params.yaml").registry).production() is None
 

@@ -31,8 +31,8 @@ def hf_project(tmp_path_factory, minilm_dir, tiny_bert_classifier):
 
 
 def register(params_path: str, folder, name: str) -> str:
-    from tasks.settings import load_settings
-    from tasks.tracking import Tracker
+    from tasks.config.loading import load_settings
+    from tasks.track.tracker import Tracker
 
     return Tracker(load_settings(params_path).registry).register_transformers(folder, name, "champion", "train", {},
                                                                               {"test_accuracy": 0.25})
@@ -48,7 +48,7 @@ def candidate_model_uri(client, parent_run_id: str, candidate: str) -> str:
 def triggered_model_uri(params_path: str, name: str, version: str) -> str:
     """The model_uri the deployment's webhook trigger (flows/deploy.py) passes for a new version."""
     from flows.deploy import deployment_options
-    from tasks.settings import load_settings
+    from tasks.config.loading import load_settings
 
     settings = load_settings(params_path)
     settings = settings.model_copy(update={"model": settings.model.model_copy(update={"source_uri": f"models:/{name}@champion"})})
@@ -78,7 +78,7 @@ def test_transformers_flavor_version_is_requantized_and_promoted_as_a_text_model
     from mlflow import MlflowClient
     from transformers import pipeline
 
-    from tasks.settings import load_settings
+    from tasks.config.loading import load_settings
 
     params, summary = promoted[arch]
     assert summary.outcome == "promoted", summary.report
@@ -100,7 +100,7 @@ def test_transformers_flavor_version_is_requantized_and_promoted_as_a_text_model
 
 
 def test_promoted_model_answers_raw_text_over_http(hf_project, promoted, tmp_path):
-    from tasks.settings import load_settings
+    from tasks.config.loading import load_settings
 
     params, _ = promoted["bert"]
     port = free_port()

@@ -8,16 +8,16 @@ import time
 
 import pytest
 
-from tasks import interrupts
-from tasks.errors import ServiceUnavailable
-from tasks.settings import RegistrySettings
-from tasks.tracking import Tracker, service_failure
+from tasks.config.settings import RegistrySettings
+from tasks.core import interrupts
+from tasks.core.errors import ServiceUnavailable
+from tasks.track.tracker import Tracker, service_failure
 from tests.servers import free_port
 
 
 @pytest.fixture
 def fresh_interrupts(monkeypatch):
-    """tasks.interrupts with no signal received yet; the handlers put back afterwards."""
+    """tasks.core.interrupts with no signal received yet; the handlers put back afterwards."""
     saved = {s: signal.getsignal(s) for s in interrupts.HANDLED}
     monkeypatch.setattr(interrupts, "_received", None)
     monkeypatch.setattr(interrupts, "_signals_seen", 0)
@@ -104,9 +104,9 @@ def test_tracking_service_failure_is_one_line_naming_the_server(tmp_path, monkey
 # lock left held by the raise would): the watchdog must end it, and its MLflow run must still end KILLED.
 STUCK_RUN = """
 import sys, time
-from tasks import interrupts
-from tasks.settings import RegistrySettings
-from tasks.tracking import Tracker
+from tasks.core import interrupts
+from tasks.config.settings import RegistrySettings
+from tasks.track.tracker import Tracker
 
 interrupts.GRACE_S = 1.0
 interrupts.install()

@@ -1,4 +1,4 @@
-"""The open-loop load generator (tasks/loadtest_driver.py) against real HTTP servers of known capacity.
+"""The open-loop load generator (tasks/measure/load_driver.py) against real HTTP servers of known capacity.
 
 Each server is a small asyncio script on 127.0.0.1 that answers /invocations one request at a time
 after a fixed service time (a blocking sleep: one worker, so `1 / service` requests/s at most),
@@ -89,7 +89,7 @@ def drive(tmp_path: Path, url: str, pid: int, **knobs) -> dict:
             "max_connections": 32, "max_error_rate": 0.01, "resolution": 0.2, "warmup_requests": 5, **knobs}
     spec_path, out_path = tmp_path / "spec.json", tmp_path / "out.json"
     spec_path.write_text(json.dumps(spec))
-    subprocess.run([sys.executable, "-m", "tasks.loadtest_driver", str(spec_path), str(out_path)], cwd=ROOT,
+    subprocess.run([sys.executable, "-m", "tasks.measure.load_driver", str(spec_path), str(out_path)], cwd=ROOT,
                    check=True, timeout=spec["max_seconds"] + 30)
     return json.loads(out_path.read_text())
 

@@ -15,8 +15,8 @@ import psutil
 import pytest
 
 from flows.cli import main
-from tasks.settings import load_settings
-from tasks.tracking import Tracker
+from tasks.config.loading import load_settings
+from tasks.track.tracker import Tracker
 from tests.registry_helpers import register_serving_version
 from tests.test_rollout import write_params
 
@@ -104,7 +104,7 @@ def step(offered, achieved, p95, failures=0, requests=100, failed_because=None, 
 
 
 def test_capacity_is_the_best_step_that_held_and_a_ramp_no_step_failed_is_a_lower_bound():
-    from tasks.loadtest import summarise
+    from tasks.measure.loadtest import summarise
 
     ramp = {"steps": [step(10, 10, 20), step(20, 19.5, 60), step(40, 30, 400, failures=5, failed_because="p95 400 ms")],
             "stop_reason": "step at 40.0 requests/s failed", "requests": 300, "seconds": 30.0}
@@ -127,7 +127,7 @@ def refined_ramp(resolved=True):
 
 
 def test_capacity_is_an_interval_from_the_best_held_step_to_the_lowest_failed_rate_above_it():
-    from tasks.loadtest import summarise
+    from tasks.measure.loadtest import summarise
 
     result = summarise(refined_ramp(), 100.0, texts_per_request=1)
     assert result.capacity_rps == result.capacity_low_rps == 28.0 and result.capacity_high_rps == 33.6
@@ -144,7 +144,7 @@ def test_capacity_is_an_interval_from_the_best_held_step_to_the_lowest_failed_ra
 
 
 def test_render_prints_the_interval_the_phase_of_each_step_and_the_generator_cpu():
-    from tasks.loadtest import CapacityComparison, render, summarise
+    from tasks.measure.loadtest import CapacityComparison, render, summarise
 
     comparison = CapacityComparison(served_sentences_per_s=28.0, assumed_sentences_per_s=None,
                                     assumed_monthly_cost_usd=None, served_cost=None)

@@ -1,12 +1,13 @@
 """The mixed-precision search wired to candidates, with scripted measurements (no model)."""
 
-from tasks.benchmark import SpeedMetrics
-from tasks.candidates import BuiltCandidate, MeasuredCandidate
-from tasks.cost import CostEstimate
-from tasks.evaluation import QualityMetrics
-from tasks.mixed_search import search_kept_fp32, trial_spec
-from tasks.search import Budget
-from tasks.sensitivity import GroupSensitivity
+from tasks.build.candidates import BuiltCandidate
+from tasks.decide.mixed_search import search_kept_fp32, trial_spec
+from tasks.decide.search import Budget
+from tasks.evaluate.candidates import MeasuredCandidate
+from tasks.measure.cost import CostEstimate
+from tasks.measure.scoring import QualityMetrics
+from tasks.measure.sensitivity import GroupSensitivity
+from tasks.measure.timing import SpeedMetrics
 
 RANKING = [GroupSensitivity(f"layer.{i} ffn-up", f"node{i}", "MatMul", 1.0 / (i + 1), 0.0) for i in range(6)]
 

@@ -1,4 +1,4 @@
-from tasks.pareto import Point, frontier, frontier_table, plot_frontier
+from tasks.decide.pareto import Point, frontier, frontier_table, plot_frontier
 
 POINTS = [Point("fp32", 390, 0.930, True), Point("int8", 195, 0.927, True), Point("mixed", 260, 0.931, True),
           Point("int4", 390, 0.921, False), Point("static", 195, 0.918, False)]

@@ -16,15 +16,15 @@ import pandas as pd
 import pytest
 import yaml
 
-from tasks.data_prep import LABEL, TEXT
-from tasks.fake_quant import (
+from tasks.data.prepare import LABEL, TEXT
+from tasks.train.fake_quant import (
     QuantScheme,
     insert_fake_quant,
     quantize_weight,
     scheme_for,
     strip_fake_quant,
 )
-from tasks.qat import plan, training_rows
+from tasks.train.qat import plan, training_rows
 from tests.cli_helpers import params_for
 from tests.conftest import TINY_LABELS, tiny_project
 
@@ -54,7 +54,7 @@ def test_post_training_misses_the_bar_so_qat_runs_and_its_candidate_is_promoted(
     import mlflow
     from mlflow import MlflowClient
 
-    from tasks.settings import load_settings
+    from tasks.config.loading import load_settings
 
     params, summary = escalated
     decision = summary.decision
@@ -97,7 +97,7 @@ def test_post_training_misses_the_bar_so_qat_runs_and_its_candidate_is_promoted(
 def test_qat_never_trains_on_the_evaluation_or_confirmation_rows(project, escalated):
     from mlflow import MlflowClient
 
-    from tasks.settings import load_settings
+    from tasks.config.loading import load_settings
 
     params, summary = escalated
     settings = load_settings(params)
@@ -119,7 +119,7 @@ def test_with_escalation_disabled_nothing_is_promoted(project, tiny_model_folder
     from mlflow import MlflowClient
 
     from flows.requantize import requantize
-    from tasks.settings import load_settings
+    from tasks.config.loading import load_settings
 
     params = params_for(project, "disabled", qat={**QAT, "enabled": False})
     summary = requantize(params_path=params, model_uri=str(tiny_model_folder))
@@ -155,15 +155,16 @@ def test_training_rows_drop_every_calibration_text_that_is_an_evaluation_row():
 
 
 def _measured(name: str, precision: str, accuracy: float, recipe: str = "int8-dynamic"):
-    from tasks.candidates import BuiltCandidate, MeasuredCandidate
-    from tasks.evaluation import QualityMetrics
+    from tasks.build.candidates import BuiltCandidate
+    from tasks.evaluate.candidates import MeasuredCandidate
+    from tasks.measure.scoring import QualityMetrics
 
     built = BuiltCandidate(name, recipe, precision, {"per_channel": True}, "h", size_ratio=0.3 if precision == "int8" else 1.0)
     return MeasuredCandidate(built, quality=QualityMetrics(accuracy, accuracy, 1.0, accuracy, 100, 20))
 
 
 def test_escalation_runs_only_when_no_lowered_precision_passes(tmp_path):
-    from tasks.settings import load_settings
+    from tasks.config.loading import load_settings
 
     repo_params = yaml.safe_load(Path("params.yaml").read_text())
     repo_params["quality_bar"] = {"max_relative_accuracy_loss": 0.02, "max_hard_slice_relative_loss": 0.05, "gate": "point"}
@@ -185,7 +186,8 @@ def test_escalation_runs_only_when_no_lowered_precision_passes(tmp_path):
 
 
 def test_a_named_target_that_is_not_a_candidate_is_refused_in_one_line(tmp_path):
-    from tasks.settings import SettingsError, load_settings
+    from tasks.config.loading import load_settings
+    from tasks.config.settings import SettingsError
 
     params = yaml.safe_load(Path("params.yaml").read_text())
     params["qat"]["target"] = "int3-magic"
@@ -222,16 +224,16 @@ def test_int4_blocks_follow_onnxruntime_formula():
 def test_hf_classifier_trains_with_fake_quant_and_is_written_back_as_the_same_family(tmp_path, tiny_bert_classifier):
     import torch
 
-    from tasks.evaluation import onnx_session
-    from tasks.model_io import tokenize
     from tasks.models.base import open_model
+    from tasks.models.graph import onnx_session
+    from tasks.models.io import tokenize
 
     family = open_model(tiny_bert_classifier)
     model = family.load_trainable()
     scheme = scheme_for("int8-static", {"per_channel": False})
     assert insert_fake_quant(model, scheme) == 2 * 6 + 2  # 6 Linear per layer, the pooler and the classifier
-    from tasks.finetune import fine_tune
-    from tasks.settings import FinetuneSettings
+    from tasks.config.settings import FinetuneSettings
+    from tasks.train.finetune import fine_tune
 
     texts = ["lost my card", "top up failed", "refund please", "exchange rate?"] * 4
     result = fine_tune(model, family.tokenizer, texts, np.arange(16) % 4, FinetuneSettings(max_steps=4, batch_size=8),

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from tasks.quality_gate import paired_relative_loss
-from tasks.selection import Candidate, Reference, select
-from tasks.settings import QualityBar
+from tasks.config.settings import QualityBar
+from tasks.decide.selection import Candidate, Reference, select
+from tasks.measure.quality_intervals import paired_relative_loss
 
 
 def correctness(n, ref_right, only_ref, only_cand):

@@ -7,16 +7,17 @@ import onnx
 import pandas as pd
 import pytest
 
-from tasks.candidates import build_candidate
-from tasks.errors import RecipeError
-from tasks.onnx_graph import (
+from tasks.build.candidates import build_candidate
+from tasks.build.reference import prepare_reference
+from tasks.config.settings import CandidateSpec, EvaluateSettings, ModelSettings
+from tasks.core.errors import RecipeError
+from tasks.decide.decision import for_selection
+from tasks.models.graph import (
     check_external_data,
     lowered_precision_count,
     prove_candidate,
 )
 from tasks.recipes.base import describe_recipes, parse_config
-from tasks.reference import prepare_reference
-from tasks.settings import CandidateSpec, EvaluateSettings, ModelSettings
 
 TEXTS = ["I lost my card", "how do I top up", "I want a refund for this", "what is the exchange rate today",
          "my card is gone", "top up failed again", "refund still not here", "rate for euros please"]
@@ -24,7 +25,7 @@ TEXTS = ["I lost my card", "how do I top up", "I want a refund for this", "what 
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_folder, tmp_path_factory):
-    from tasks.model_io import read_model_card
+    from tasks.models.io import read_model_card
 
     labels = read_model_card(tiny_model_folder).labels
     frame = pd.DataFrame({"text": TEXTS, "label": [labels[i % len(labels)] for i in range(len(TEXTS))]})
@@ -162,14 +163,14 @@ def test_candidate_hash_follows_the_calibration_set_only_for_calibrated_recipes(
 
 
 def test_time_candidates_interleaves_rounds_and_a_failing_session_fails_alone(reference, tmp_path):
-    from tasks.benchmark import time_interleaved
-    from tasks.settings import EvaluateSettings
+    from tasks.config.settings import EvaluateSettings
+    from tasks.measure.timing import time_interleaved
 
     class Broken:
         def run(self, *_):
             raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : boom")
 
-    from tasks.evaluation import onnx_session
+    from tasks.models.graph import onnx_session
 
     settings = EvaluateSettings(latency_runs=12, warmup_runs=1, throughput_batches=1, throughput_batch_size=4, timing_rounds=3)
     sessions = {"fp32": onnx_session(reference.inputs.fp32_model, 1), "broken": Broken()}
@@ -181,7 +182,7 @@ def test_time_candidates_interleaves_rounds_and_a_failing_session_fails_alone(re
 def test_peak_memory_is_the_models_own_not_the_parents(reference):
     import numpy as np
 
-    from tasks.benchmark import peak_memory_mb
+    from tasks.measure.timing import peak_memory_mb
 
     ballast = np.ones(400 * 2**20 // 8)  # 400 MB in this process: a probe inheriting it would report more
     memory = peak_memory_mb(reference.inputs.fp32_model, reference.throughput_feeds[0], 1)
@@ -201,8 +202,9 @@ def test_two_builds_of_the_same_config_at_once_share_one_folder(reference, tmp_p
 def test_an_onnxruntime_failure_is_the_candidates_error_not_the_runs(reference, tmp_path):
     from onnx import TensorProto, helper
 
-    from tasks.candidates import BuiltCandidate, score_candidate
-    from tasks.settings import QualityBar
+    from tasks.build.candidates import BuiltCandidate
+    from tasks.config.settings import QualityBar
+    from tasks.evaluate.candidates import score_candidate
 
     # A valid graph without a "logits" output: ONNX Runtime raises its own exception type.
     graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["out"])], "g",
@@ -214,12 +216,12 @@ def test_an_onnxruntime_failure_is_the_candidates_error_not_the_runs(reference, 
     measured = score_candidate(BuiltCandidate("odd", "fp32", "fp32", {}, "h", model_path=path), reference,
                                EvaluateSettings(), QualityBar())
     assert measured.error and measured.quality is None
-    assert not measured.for_selection().accuracy  # selection sees a failed candidate
+    assert not for_selection(measured).accuracy  # selection sees a failed candidate
 
 
 def test_memory_probe_failure_is_one_clear_error(reference, tmp_path):
-    from tasks.benchmark import peak_memory_mb
-    from tasks.errors import RequantError
+    from tasks.core.errors import RequantError
+    from tasks.measure.timing import peak_memory_mb
 
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"not a model")
@@ -230,8 +232,9 @@ def test_memory_probe_failure_is_one_clear_error(reference, tmp_path):
 def test_nan_logits_on_evaluation_rows_fail_the_candidate_closed(reference, tmp_path):
     from onnx import TensorProto, helper, numpy_helper
 
-    from tasks.candidates import BuiltCandidate, score_candidate
-    from tasks.settings import QualityBar
+    from tasks.build.candidates import BuiltCandidate
+    from tasks.config.settings import QualityBar
+    from tasks.evaluate.candidates import score_candidate
 
     axes = numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")
     graph = helper.make_graph(

@@ -6,14 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.result_cache import ResultCache, rows_digest
+from tasks.measure.result_cache import ResultCache, rows_digest
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_folder, tmp_path_factory):
-    from tasks.model_io import read_model_card
-    from tasks.reference import prepare_reference
-    from tasks.settings import EvaluateSettings, ModelSettings, ScreeningSettings
+    from tasks.build.reference import prepare_reference
+    from tasks.config.settings import EvaluateSettings, ModelSettings, ScreeningSettings
+    from tasks.models.io import read_model_card
     from tests.test_recipes import TEXTS
 
     labels = read_model_card(tiny_model_folder).labels
@@ -28,14 +28,14 @@ HOST = {"cpu_model": "test cpu", "cpu_flags": "avx2", "machine": "x86_64"}
 
 
 def built(reference):
-    from tasks.candidates import BuiltCandidate
+    from tasks.build.candidates import BuiltCandidate
 
     return BuiltCandidate("fp32", "fp32", "fp32", {}, "h", model_path=reference.inputs.fp32_model, model_sha256="a" * 64)
 
 
 def test_a_second_score_of_the_same_graph_runs_no_rows(reference, tmp_path):
-    from tasks.candidates import score_candidate
-    from tasks.settings import QualityBar
+    from tasks.config.settings import QualityBar
+    from tasks.evaluate.candidates import score_candidate
 
     ref, evaluate = reference
     cache = ResultCache.for_reference(tmp_path, ref, HOST)
@@ -65,8 +65,8 @@ def test_scores_are_recomputed_when_rows_host_or_runtime_change(reference, tmp_p
 
 
 def test_a_corrupted_stored_score_is_recomputed_with_a_warning(reference, tmp_path, caplog):
-    from tasks.candidates import score_candidate
-    from tasks.settings import QualityBar
+    from tasks.config.settings import QualityBar
+    from tasks.evaluate.candidates import score_candidate
 
     ref, evaluate = reference
     cache = ResultCache.for_reference(tmp_path, ref, HOST)
@@ -85,8 +85,8 @@ def test_a_corrupted_stored_score_is_recomputed_with_a_warning(reference, tmp_pa
 
 
 def test_reuse_off_reads_and_writes_nothing(reference, tmp_path):
-    from tasks.candidates import score_candidate
-    from tasks.settings import QualityBar
+    from tasks.config.settings import QualityBar
+    from tasks.evaluate.candidates import score_candidate
 
     ref, evaluate = reference
     cache = ResultCache.for_reference(tmp_path, ref, HOST, enabled=False)

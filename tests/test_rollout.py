@@ -12,11 +12,11 @@ import yaml
 from mlflow import MlflowClient
 
 from flows.cli import main
-from tasks import tracking
-from tasks.rollback import blocking_rollback
-from tasks.rollout import ShadowResult, judge_rollout
-from tasks.settings import load_settings
-from tasks.tracking import Tracker
+from tasks.config.loading import load_settings
+from tasks.serve.rollback import blocking_rollback
+from tasks.serve.rollout import ShadowResult, judge_rollout
+from tasks.track import tracker as tracking
+from tasks.track.tracker import Tracker
 from tests.conftest import REPO
 from tests.registry_helpers import LABELS, register_serving_version
 

@@ -14,9 +14,9 @@ import yaml
 from onnx import TensorProto, helper, numpy_helper
 
 from flows.cli import main
-from tasks import tracking
-from tasks.settings import load_settings
-from tasks.tracking import Tracker
+from tasks.config.loading import load_settings
+from tasks.track import tracker as tracking
+from tasks.track.tracker import Tracker
 from tests.conftest import tiny_project
 
 pytestmark = pytest.mark.e2e

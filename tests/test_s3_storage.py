@@ -67,7 +67,7 @@ def dvc_ok(repo: Path, *args: str) -> subprocess.CompletedProcess:
 
 def pushed_project(root: Path, endpoint_url: str) -> Path:
     """A requant project whose prepare_data stage ran (on a Banking77 slice) and was pushed to S3."""
-    from tasks.data_version import reproduce
+    from tasks.data.version import reproduce
 
     train_csv, test_csv = banking77_slice(root.parent / "slice", intents=4, train_per_intent=30, test_per_intent=10)
     project = make_project(root, {"data": {"train_csv": str(train_csv), "test_csv": str(test_csv), "train_sha256": None,
@@ -90,7 +90,7 @@ def forget_local_copies(project: Path) -> None:
 
 def calibration_key(project: Path, endpoint_url: str) -> str:
     """The bucket key DVC stored the calibration set under (named by its md5 in dvc.lock)."""
-    from tasks.data_version import read_lock
+    from tasks.data.version import read_lock
 
     md5 = read_lock(project, project / "data" / "prepared").calibration_md5
     return next(k for k in stored_keys(endpoint_url, "dvc/") if k.endswith(f"{md5[:2]}/{md5[2:]}"))

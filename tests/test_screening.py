@@ -5,7 +5,8 @@ import onnx
 import pandas as pd
 import pytest
 
-from tasks.screening import (
+from tasks.decide.decision import for_selection
+from tasks.measure.screening import (
     Bar,
     loss_lower_bound,
     lower_bound,
@@ -100,9 +101,9 @@ def test_loss_bound_is_below_the_observed_loss():
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_folder, tmp_path_factory):
-    from tasks.model_io import read_model_card
-    from tasks.reference import prepare_reference
-    from tasks.settings import EvaluateSettings, ModelSettings, ScreeningSettings
+    from tasks.build.reference import prepare_reference
+    from tasks.config.settings import EvaluateSettings, ModelSettings, ScreeningSettings
+    from tasks.models.io import read_model_card
     from tests.conftest import banking77_slice
 
     labels = read_model_card(tiny_model_folder).labels
@@ -137,8 +138,9 @@ def scrambled_head(fp32_model, out, classes: int):
 
 
 def test_a_clearly_failing_candidate_is_screened_out_after_the_first_rows_and_never_timed(reference, tmp_path):
-    from tasks.candidates import BuiltCandidate, score_candidate, time_candidates
-    from tasks.settings import HardwareProfile, QualityBar, TrafficSettings
+    from tasks.build.candidates import BuiltCandidate
+    from tasks.config.settings import HardwareProfile, QualityBar, TrafficSettings
+    from tasks.evaluate.candidates import score_candidate, time_candidates
 
     ref, evaluate = reference
     assert ref.waves is not None and len(ref.waves) >= 3 and len(ref.waves[0]) == 32
@@ -149,7 +151,7 @@ def test_a_clearly_failing_candidate_is_screened_out_after_the_first_rows_and_ne
     good = score_candidate(BuiltCandidate("fp32", "fp32", "fp32", {}, "h", model_path=ref.inputs.fp32_model,
                                           model_sha256="f"), ref, evaluate, QualityBar())
     assert bad.screened_out and bad.rows_scored < len(ref.y_true) and bad.quality is None
-    assert "screened out after" in bad.for_selection().error
+    assert "screened out after" in for_selection(bad).error
     assert not good.screened_out and good.rows_scored == len(ref.y_true) and good.quality.agreement_with_fp32 > 0.95
     time_candidates([bad, good], ref, evaluate, HardwareProfile(name="h", usd_per_hour=0.1),
                     TrafficSettings(requests_per_month=1e6, peak_requests_per_second=10), measure_memory=False)
@@ -157,11 +159,21 @@ def test_a_clearly_failing_candidate_is_screened_out_after_the_first_rows_and_ne
 
 
 def test_a_candidate_failing_the_bar_on_its_scores_is_not_timed_and_keeps_its_quality_reason(reference, tmp_path):
-    from tasks.candidates import UNTIMED_FAILING, BuiltCandidate, score_candidate, time_candidates
-    from tasks.decision import passes_quality
-    from tasks.selection import Reference as QualityReference
-    from tasks.selection import select
-    from tasks.settings import HardwareProfile, QualityBar, ScreeningSettings, TrafficSettings
+    from tasks.build.candidates import BuiltCandidate
+    from tasks.config.settings import (
+        HardwareProfile,
+        QualityBar,
+        ScreeningSettings,
+        TrafficSettings,
+    )
+    from tasks.decide.decision import passes_quality
+    from tasks.decide.selection import Reference as QualityReference
+    from tasks.decide.selection import select
+    from tasks.evaluate.candidates import (
+        UNTIMED_FAILING,
+        score_candidate,
+        time_candidates,
+    )
 
     ref, evaluate = reference
     full = evaluate.model_copy(update={"screening": ScreeningSettings(enabled=False)})  # scored on every row
@@ -178,20 +190,21 @@ def test_a_candidate_failing_the_bar_on_its_scores_is_not_timed_and_keeps_its_qu
                     passes=lambda m: passes_quality(m, ref, bar))
     assert bad.speed is None and bad.cost is None and bad.untimed_because == UNTIMED_FAILING
     assert good.speed is not None and good.cost is not None and good.untimed_because is None
-    decision = select([m.for_selection(ref.y_true) for m in (bad, good)],
+    decision = select([for_selection(m, ref.y_true) for m in (bad, good)],
                       QualityReference(ref.quality.accuracy, ref.quality.hard_slice_accuracy), bar)
     assert decision.winner == "fp32"
     # The record says why it failed (its accuracy), not that it was untimed.
     assert decision.verdicts["scrambled"].reason.startswith("accuracy ") and "not timed" not in decision.verdicts["scrambled"].reason
     assert "throughput_per_s" not in bad.metrics(ref) and bad.metrics(ref)["accuracy"] == bad.quality.accuracy
-    from tasks.decision import candidate_record
+    from tasks.decide.decision import candidate_record
 
     assert candidate_record(bad, ref)["untimed_because"] == UNTIMED_FAILING  # decision.json says why
 
 
 def test_screening_off_scores_every_row_with_the_same_predictions(reference):
-    from tasks.candidates import BuiltCandidate, score_candidate
-    from tasks.settings import QualityBar, ScreeningSettings
+    from tasks.build.candidates import BuiltCandidate
+    from tasks.config.settings import QualityBar, ScreeningSettings
+    from tasks.evaluate.candidates import score_candidate
 
     ref, evaluate = reference
     built = BuiltCandidate("fp32", "fp32", "fp32", {}, "h", model_path=ref.inputs.fp32_model, model_sha256="f")

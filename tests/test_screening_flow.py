@@ -21,8 +21,8 @@ def set_screening(project, enabled: bool, speed: bool = False) -> None:
 
 def reselect(decision: dict, speeds_from: dict) -> str | None:
     """Selection on one run's quality numbers and another run's speeds (a screened-out candidate stays out)."""
-    from tasks.selection import Candidate, Reference, select
-    from tasks.settings import QualityBar
+    from tasks.config.settings import QualityBar
+    from tasks.decide.selection import Candidate, Reference, select
 
     candidates = []
     for name, c in decision["candidates"].items():

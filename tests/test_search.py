@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from tasks.search import Budget, SmallestPassingK, Trial, run_search
+from tasks.decide.search import Budget, SmallestPassingK, Trial, run_search
 
 BIG = Budget(max_trials=100, max_seconds=1e9)
 

@@ -1,8 +1,8 @@
 import pytest
 
-from tasks.errors import RecipeError
-from tasks.search_space import expand, expand_all
-from tasks.settings import CandidateSpec
+from tasks.config.search_space import expand, expand_all
+from tasks.config.settings import CandidateSpec
+from tasks.core.errors import RecipeError
 
 
 def test_expand_makes_one_candidate_per_grid_point():
@@ -26,7 +26,7 @@ def test_expand_searches_a_list_field_given_a_list_of_lists():
 def test_grid_points_are_validated_when_settings_load(tmp_path):
     import yaml
 
-    from tasks.settings import load_settings
+    from tasks.config.loading import load_settings
     from tests.test_settings import REPO
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())

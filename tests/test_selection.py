@@ -6,8 +6,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from tasks.cost import monthly_cost
-from tasks.selection import (
+from tasks.config.settings import HardwareProfile, QualityBar, TrafficSettings
+from tasks.decide.selection import (
     Candidate,
     Reference,
     more_accurate_beyond_noise,
@@ -15,7 +15,7 @@ from tasks.selection import (
     select,
     slower_beyond_noise,
 )
-from tasks.settings import HardwareProfile, QualityBar, TrafficSettings
+from tasks.measure.cost import monthly_cost
 
 REF = Reference(accuracy=0.930, hard_slice_accuracy=0.700)
 BAR = QualityBar(max_relative_accuracy_loss=0.015, max_hard_slice_relative_loss=0.05)

@@ -2,16 +2,16 @@
 
 import pandas as pd
 
-from tasks.model_io import (
+from tasks.build.reference import prepare_reference
+from tasks.config.settings import EvaluateSettings, ModelSettings
+from tasks.measure.sensitivity import display_name, plot_ranking, rank_groups
+from tasks.models.io import (
     ENCODER_DIR,
     HEAD_FILE,
     ModelCard,
     read_model_card,
     save_model_folder,
 )
-from tasks.reference import prepare_reference
-from tasks.sensitivity import display_name, plot_ranking, rank_groups
-from tasks.settings import EvaluateSettings, ModelSettings
 from tests.test_recipes import TEXTS
 
 
@@ -73,7 +73,7 @@ def test_display_name_reads_like_the_model():
 def test_spread_rows_samples_every_length_not_the_shortest():
     import numpy as np
 
-    from tasks.sensitivity import spread_rows
+    from tasks.measure.sensitivity import spread_rows
 
     # 10 length-sorted batches of 32 rows, sequence lengths 8, 16, ..., 80.
     feeds = [{"input_ids": np.zeros((32, 8 * (i + 1)), dtype=np.int64)} for i in range(10)]
@@ -86,7 +86,7 @@ def test_spread_rows_samples_every_length_not_the_shortest():
 
 def test_a_quarter_of_the_samples_ranks_the_top_groups_as_the_full_sweep(tiny_model_folder, tmp_path):
     """The default search.sensitivity_samples (64) against every calibration row (256 here)."""
-    from tasks.sensitivity import ranking_agreement, spread_rows
+    from tasks.measure.sensitivity import ranking_agreement, spread_rows
 
     folder = fragile_copy(tiny_model_folder, tmp_path)
     labels = read_model_card(folder).labels

@@ -8,8 +8,14 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tasks.served_pricing import BATCHED, RATIO, SERVED, ServedCapacity, price_all
-from tasks.settings import HardwareProfile, TrafficSettings
+from tasks.config.settings import HardwareProfile, TrafficSettings
+from tasks.measure.served_pricing import (
+    BATCHED,
+    RATIO,
+    SERVED,
+    ServedCapacity,
+    price_all,
+)
 from tests.conftest import tiny_project
 
 PROFILE = HardwareProfile(name="box", usd_per_hour=0.1)
@@ -48,8 +54,8 @@ def test_without_any_served_figure_prices_stay_batched_and_say_so():
 def test_flow_prices_winner_production_and_fp32_from_served_capacity_and_a_broken_production_is_replaced(
         tmp_path, tiny_model_folder, prefect_server):
     from flows.requantize import requantize
-    from tasks.settings import load_settings
-    from tasks.tracking import TAG_PRODUCTION_BROKEN, Tracker
+    from tasks.config.loading import load_settings
+    from tasks.track.tracker import TAG_PRODUCTION_BROKEN, Tracker
 
     project = tiny_project(tmp_path, tiny_model_folder,
                            serving={"price_from": "served", "step_seconds": 1, "max_seconds": 12},

@@ -16,14 +16,16 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import pytest
-
-from tasks.loadtest import _stop_group, free_port
-from tasks.serve_front import ServedFiles, files_of_mlflow_model, served_front
-from tasks.serving import LOG_LEVEL_ENV, ServingAssets, ServingLimits
-from tasks.settings import RegistrySettings
-from tasks.tracking import Tracker
-from tests.registry_helpers import LABELS, constant_label_graph, register_serving_version
+from tasks.config.settings import RegistrySettings
+from tasks.serve.front import ServedFiles, files_of_mlflow_model, served_front
+from tasks.serve.processes import free_port, stop_group
+from tasks.serve.serving import LOG_LEVEL_ENV, ServingAssets, ServingLimits
+from tasks.track.tracker import Tracker
+from tests.registry_helpers import (
+    LABELS,
+    constant_label_graph,
+    register_serving_version,
+)
 
 
 def post(url: str, body: bytes | dict, timeout: float = 30) -> tuple[int, dict, dict]:
@@ -132,7 +134,7 @@ def test_mlflow_models_serve_batches_concurrent_requests_and_answers_bad_input_w
         status, answer, _ = post(url, {"inputs": ["x" * 2001]})
         assert status == 400 and "at most 2000" in answer["message"]
     finally:
-        _stop_group(server)
+        stop_group(server)
     sizes = [int(line.split("batch of ")[1].split()[0]) for line in log_path.read_text().splitlines()
              if "batch of " in line]
     assert sum(sizes) >= 6 and max(sizes) > 1, sizes  # MLflow's threads' requests were merged
@@ -147,6 +149,6 @@ def test_a_downloaded_serving_version_names_its_files_and_a_folder_without_mlmod
                                                                 dst_path=str(tmp_path / "down")))
     files = files_of_mlflow_model(folder)
     assert files.onnx_model.is_file() and files.card.is_file() and (files.tokenizer / "tokenizer.json").is_file()
-    result = subprocess.run([sys.executable, "-m", "tasks.serve_front", "--model-dir", str(tmp_path)],
+    result = subprocess.run([sys.executable, "-m", "tasks.serve.front", "--model-dir", str(tmp_path)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "holds no MLmodel" in result.stderr

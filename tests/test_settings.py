@@ -3,8 +3,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.errors import RecipeError
-from tasks.settings import SettingsError, load_settings
+from tasks.config.loading import load_settings
+from tasks.config.settings import SettingsError
+from tasks.core.errors import RecipeError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,13 +4,16 @@ import math
 
 import numpy as np
 
-from tasks.benchmark import SpeedMetrics
-from tasks.candidates import BuiltCandidate, MeasuredCandidate
-from tasks.cost import CostEstimate
-from tasks.evaluation import QualityMetrics
-from tasks.selection import Reference, select
-from tasks.settings import QualityBar
-from tasks.speed_screen import bring_back_deferred, defer_slower, log_ratio_lower_bound
+from tasks.build.candidates import BuiltCandidate
+from tasks.config.settings import QualityBar
+from tasks.decide.decision import for_selection
+from tasks.decide.selection import Reference, select
+from tasks.evaluate.candidates import MeasuredCandidate
+from tasks.evaluate.speed import bring_back_deferred
+from tasks.measure.cost import CostEstimate
+from tasks.measure.scoring import QualityMetrics
+from tasks.measure.speed_screen import defer_slower, log_ratio_lower_bound
+from tasks.measure.timing import SpeedMetrics
 
 ALPHA, MARGIN = 0.05, 0.10
 
@@ -79,7 +82,7 @@ def _run(truth: dict[str, tuple[float, float]], rates: dict[str, list[float]]):
     bar = QualityBar()
     passes = lambda m: m.quality is not None and (0.93 - m.quality.accuracy) / 0.93 <= bar.max_relative_accuracy_loss  # noqa: E731
     brought = bring_back_deferred(measured, score, passes)
-    decision = select([m.for_selection() for m in measured], Reference(0.93, 0.93), bar)
+    decision = select([for_selection(m) for m in measured], Reference(0.93, 0.93), bar)
     return measured, score.calls, brought, decision
 
 

@@ -156,8 +156,8 @@ def stack(tmp_path_factory, tiny_model_folder):
 
 @pytest.fixture(scope="module")
 def tracker(stack):
-    from tasks.settings import RegistrySettings
-    from tasks.tracking import Tracker
+    from tasks.config.settings import RegistrySettings
+    from tasks.track.tracker import Tracker
 
     return Tracker(RegistrySettings(tracking_uri=stack.mlflow_url, artifact_location=None, serving_model_name=SERVING))
 
@@ -182,7 +182,7 @@ def register_source(tracker, tiny_model_folder) -> str:
     """
     from safetensors.numpy import load_file, save_file
 
-    from tasks.model_io import HEAD_FILE
+    from tasks.models.io import HEAD_FILE
 
     seed = len(VERSION_FOLDERS) + 1
     folder = Path(tempfile.mkdtemp(prefix=f"tiny-src-{seed}-"))
@@ -243,7 +243,7 @@ def test_new_source_version_fires_the_webhook_and_the_worker_moves_the_alias(sta
 
 
 def test_killed_worker_leaves_a_crashed_run_and_the_next_run_promotes_once(stack, tracker, tiny_model_folder):
-    from tasks import tracking
+    from tasks.track import tracker as tracking
 
     retire_production(stack)
     version = register_source(tracker, tiny_model_folder)

@@ -8,10 +8,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tasks import tracking
-from tasks.errors import ModelSourceError, RequantError
-from tasks.settings import RegistrySettings
-from tasks.tracking import Tracker
+from tasks.config.settings import RegistrySettings
+from tasks.core.errors import ModelSourceError, RequantError
+from tasks.track import tracker as tracking
+from tasks.track.tracker import Tracker
 
 
 @pytest.fixture

@@ -1,10 +1,10 @@
 import pandas as pd
 import pytest
 
-from tasks.data_prep import LABEL, TEXT
-from tasks.errors import DataError
-from tasks.settings import DataSettings
-from tasks.validation import validate_prepared
+from tasks.config.settings import DataSettings
+from tasks.core.errors import DataError
+from tasks.data.prepare import LABEL, TEXT
+from tasks.data.validate import validate_prepared
 
 CLASSES = ["card_lost", "refund", "top_up"]
 SETTINGS = DataSettings(train_csv="x", test_csv="y", calibration_size=30, min_calibration_rows=6, min_eval_rows=6,

@@ -1,6 +1,6 @@
 import json
 
-from tasks import webhooks
+from tasks.track import webhooks
 
 SECRET = "s3cret"
 BODY = json.dumps({"entity": "model_version", "action": "created", "data": {"name": "m", "version": "3"}}).encode()

@@ -1,4 +1,4 @@
-"""A full disk and a read-only folder are told apart, and the folder is named (tasks/write_errors.py).
+"""A full disk and a read-only folder are told apart, and the folder is named (tasks/core/write_errors.py).
 
 The failures are real: a 1 MiB tmpfs that fills up, a read-only bind mount, a file-size limit.
 Mounting needs root (CAP_SYS_ADMIN); elsewhere those tests skip and say why.
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.settings import load_settings
-from tasks.write_errors import describe_write_failure, run_folders
+from tasks.config.loading import load_settings
+from tasks.core.write_errors import describe_write_failure, run_folders
 from tests.cli_helpers import requant
 from tests.conftest import tiny_project
 
@@ -91,8 +91,8 @@ def test_a_file_size_limit_is_not_called_a_full_disk(project, tmp_path):
     script = ("import os, resource, signal, sys\n"
               "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
               "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))\n"
-              "from tasks.settings import load_settings\n"
-              "from tasks.write_errors import describe_write_failure, run_folders\n"
+              "from tasks.config.settings import load_settings\n"
+              "from tasks.core.write_errors import describe_write_failure, run_folders\n"
               "project = sys.argv[1]\n"
               "try:\n"
               "    with open(os.path.join(project, 'models', 'work', 'big.bin'), 'wb') as f:\n"

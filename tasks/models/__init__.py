@@ -1,8 +1,16 @@
-"""Model families. Every module here defines one registered `ModelFamily`."""
+"""Model families (one registered `ModelFamily` per module: requant_head.py, hf_sequence_classifier.py),
+with what they share: the family interface (base.py), tokenization and model cards (io.py), ONNX
+graphs and sessions (graph.py).
+
+May import: core, config.
+"""
 
 import importlib
 import pkgutil
 
+# Importing a family's module registers it; the shared modules register nothing.
+_SHARED = {"base", "io", "graph"}
+
 for _module in pkgutil.iter_modules(__path__):
-    if _module.name != "base":
+    if _module.name not in _SHARED:
         importlib.import_module(f"{__name__}.{_module.name}")

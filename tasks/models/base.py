@@ -21,7 +21,7 @@ from typing import ClassVar, Sequence
 
 import numpy as np
 
-from tasks.errors import DataError, ModelSourceError
+from tasks.core.errors import DataError, ModelSourceError
 
 AUTO = "auto"
 
@@ -108,7 +108,7 @@ class ModelFamily(ABC):
     def tokenizer(self):
         """The fast tokenizer, offline, set to return exactly the graph's inputs."""
         if self._tokenizer is None:
-            from tasks.model_io import load_tokenizer
+            from tasks.models.io import load_tokenizer
 
             self._tokenizer = load_tokenizer(self.tokenizer_dir(), self.input_names)
         return self._tokenizer
@@ -173,7 +173,7 @@ def detect_family(folder: Path) -> type[ModelFamily]:
             return cls
     if not (folder / "config.json").is_file() and not (folder / "MLmodel").is_file():
         # Not Hugging Face-shaped: say which parts of requant's own format are missing.
-        from tasks.model_io import read_model_card
+        from tasks.models.io import read_model_card
 
         read_model_card(folder)
     raise ModelSourceError(

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from tasks.errors import ModelSourceError
+from tasks.core.errors import ModelSourceError
 from tasks.models.base import ModelFamily, read_json
 
 log = logging.getLogger("requant")
@@ -207,7 +207,7 @@ class HfSequenceClassifier(ModelFamily):
     def export_onnx(self, out_path: Path, opset: int) -> Path:
         from optimum.exporters.onnx import main_export
 
-        from tasks.onnx_graph import check_external_data
+        from tasks.models.graph import check_external_data
 
         out_path.parent.mkdir(parents=True, exist_ok=True)
         # check() has refused pickle-only folders unless allowed, so Optimum's own loading is safe here.
@@ -222,7 +222,7 @@ class HfSequenceClassifier(ModelFamily):
         return out_path
 
     def optimize(self, fp32_path: Path, out_path: Path) -> Path:
-        from tasks.onnx_graph import optimize_graph
+        from tasks.models.graph import optimize_graph
 
         model_type = ORT_OPTIMIZER_TYPES.get(self.model_type)
         if model_type is not None:
@@ -240,8 +240,8 @@ class HfSequenceClassifier(ModelFamily):
         return out_path
 
     def _same_logits(self, a: Path, b: Path) -> bool:
-        from tasks.evaluation import onnx_session
-        from tasks.model_io import tokenize
+        from tasks.models.graph import onnx_session
+        from tasks.models.io import tokenize
 
         feed = tokenize(self.tokenizer, ["a short example", "a somewhat longer example sentence to compare"], self.max_length)
         left, right = (onnx_session(p, 1).run(["logits"], feed)[0] for p in (a, b))

@@ -1,10 +1,12 @@
-"""requant's own format: encoder + mean pooling + L2 norm + a linear head (see tasks/model_io.py)."""
+"""requant's own format: encoder + mean pooling + L2 norm + a linear head (see tasks/models/io.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.model_io import (
+from tasks.models.base import ModelFamily
+from tasks.models.graph import encoder_shape, optimize_graph
+from tasks.models.io import (
     ENCODER_DIR,
     HEAD_FILE,
     MODEL_CARD,
@@ -15,8 +17,6 @@ from tasks.model_io import (
     load_classifier,
     read_model_card,
 )
-from tasks.models.base import ModelFamily
-from tasks.onnx_graph import encoder_shape, optimize_graph
 
 
 class RequantHead(ModelFamily):
@@ -32,7 +32,7 @@ class RequantHead(ModelFamily):
     def check(self) -> None:
         self.card = read_model_card(self.folder)
         if not (self.folder / ENCODER_DIR / "model.safetensors").is_file():
-            from tasks.errors import ModelSourceError
+            from tasks.core.errors import ModelSourceError
 
             raise ModelSourceError(f"{self.folder / ENCODER_DIR} holds no model.safetensors: requant model folders "
                                    "store the encoder as safetensors; re-train it with `requant train`")

@@ -1,4 +1,7 @@
-"""Quantization recipes. Every module here defines one registered `Recipe`."""
+"""Quantization recipes. Every module here defines one registered `Recipe` (base.py: the interface).
+
+May import: core. Recipes are units: a recipe knows its inputs, not the flow around it.
+"""
 
 import importlib
 import pkgutil

@@ -19,7 +19,7 @@ from typing import ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from tasks.errors import RecipeError
+from tasks.core.errors import RecipeError
 
 
 class RecipeConfig(BaseModel):
@@ -154,3 +154,9 @@ def describe_recipes() -> list[dict]:
         rows.append({"id": recipe_id, "precision": cls.precision, "about": (cls.__doc__ or "").strip().splitlines()[0],
                      "config": fields})
     return rows
+
+
+def is_baseline(built) -> bool:
+    """Whether a built candidate (anything with `recipe` and `is_production`) is the source model's
+    FP32 graph: always scored, timed and served, so savings are never unpriced."""
+    return built.recipe == "fp32" and not built.is_production

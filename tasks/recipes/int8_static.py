@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from tasks.errors import RecipeError
+from tasks.core.errors import RecipeError
 from tasks.recipes.base import QuantizeInputs, Recipe
 from tasks.recipes.fp32 import GraphChoice
 

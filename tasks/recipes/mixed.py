@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from tasks.errors import RecipeError
+from tasks.core.errors import RecipeError
 from tasks.recipes.base import QuantizeInputs, Recipe
 from tasks.recipes.fp32 import source_graph
 from tasks.recipes.int8_dynamic import Int8DynamicConfig, quantize_dynamic_int8
