@@ -56,7 +56,7 @@ def main() -> int:
     from tasks.measure.timing import cpu_info, measure_speed
     from tasks.models.graph import onnx_session
     from tasks.models.io import ENCODER_DIR
-    from tasks.track.tracker import Tracker
+    from tasks.track import Tracker
 
     settings = load_settings(args.params)
     grid_size = len(expand_all(settings.quantize.candidates))

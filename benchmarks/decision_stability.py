@@ -55,7 +55,7 @@ def main() -> int:
     from tasks.decide.selection import select
     from tasks.evaluate.candidates import score_candidate, time_candidates
     from tasks.measure.timing import cpu_info
-    from tasks.track.tracker import Tracker
+    from tasks.track import Tracker
 
     settings = load_settings(args.params)
     evaluate = settings.evaluate.model_copy(update={

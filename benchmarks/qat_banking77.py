@@ -58,7 +58,7 @@ def main() -> int:
     from tasks.evaluate.candidates import score_candidate, time_candidates
     from tasks.measure.timing import cpu_info
     from tasks.models.base import open_model
-    from tasks.track.tracker import Tracker
+    from tasks.track import Tracker
     from tasks.train import qat
 
     settings = load_settings(args.params)

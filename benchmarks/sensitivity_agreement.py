@@ -34,7 +34,7 @@ def main() -> int:
     from tasks.measure.sensitivity import rank_groups, ranking_agreement, spread_rows
     from tasks.measure.timing import cpu_info
     from tasks.recipes.base import parse_config
-    from tasks.track.tracker import Tracker
+    from tasks.track import Tracker
 
     settings = load_settings(args.params)
     samples = args.samples or settings.search.sensitivity_samples

@@ -135,7 +135,7 @@ def main() -> int:
     from tasks.measure.timing import cpu_info
     from tasks.serve.front import ServedFiles, files_of_mlflow_model, served_front
     from tasks.serve.serving import ServingAssets, ServingLimits
-    from tasks.track.tracker import DECISION_FILE, TAG_PARENT_RUN, Tracker
+    from tasks.track import DECISION_FILE, TAG_PARENT_RUN, Tracker
     from tests.registry_helpers import constant_label_graph
 
     settings = load_settings(args.params)

@@ -32,7 +32,7 @@ def main() -> int:
     runtime.configure()
     from tasks.config.loading import load_settings
     from tasks.measure.timing import cpu_info
-    from tasks.track.tracker import Tracker
+    from tasks.track import Tracker
 
     settings = load_settings(args.params)
     project = Path(args.params).resolve().parent

@@ -52,7 +52,7 @@ def main() -> int:
     from mlflow import MlflowClient
 
     from tasks.config.loading import load_settings
-    from tasks.track.tracker import tracking_uri
+    from tasks.track import tracking_uri
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if not chromium:

@@ -1,7 +1,7 @@
 """After the decision: load-test a served version, roll a challenger out, roll production back.
 
 Wiring only, as in flows/requantize.py: the measuring and the rules are in tasks/measure/loadtest.py,
-tasks/serve/rollout.py and tasks/serve/rollback.py, every MLflow call in tasks.track.tracker. Each step is a recorded
+tasks/serve/rollout.py and tasks/serve/rollback.py, every MLflow call in tasks.track. Each step is a recorded
 MLflow run (or metrics on the version's own run, for a load test), and none of them moves
 production unless its rule says so.
 """
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from tasks import track
 from tasks.config.loading import load_settings
 from tasks.config.settings import Settings
 from tasks.core.errors import RequantError
@@ -29,8 +30,7 @@ from tasks.serve.rollout import (
     replay,
 )
 from tasks.serve.serving import BadRequest
-from tasks.track import tracker as tracking
-from tasks.track.tracker import Tracker
+from tasks.track import Tracker
 
 
 def _lock_dir(params_path: str) -> Path:
@@ -244,4 +244,4 @@ def rollback(params_path: str, reason: str, to_version: str | None = None) -> di
     user = current_user()
     run_id = tracker.record_rollback(str(current.version), target, reason.strip(), user, _lock_dir(params_path))
     return {"from": str(current.version), "to": target, "by": user, "run_id": run_id,
-            "decision_key": current.tags.get(tracking.TAG_KEY, "")}
+            "decision_key": current.tags.get(track.TAG_KEY, "")}

@@ -133,12 +133,12 @@ def main(argv: list[str] | None = None) -> int:
             print("error: interrupted; nothing was promoted after the interruption", file=sys.stderr)
             return 130
         if isinstance(exc, RequantError):
-            from tasks.track.tracker import unmarked_note
+            from tasks.track import unmarked_note
 
             print(f"error: {exc}{unmarked_note(exc)}", file=sys.stderr)
             return getattr(exc, "exit_code", 2)
         if isinstance(exc, Exception):
-            from tasks.track.tracker import service_failure
+            from tasks.track import service_failure
 
             line = service_failure(exc, _written_folders(args))
             if line:
@@ -168,7 +168,7 @@ def _written_folders(args) -> list:
 
 def _train(args) -> int:
     from tasks.config.loading import load_settings
-    from tasks.track.tracker import Tracker
+    from tasks.track import Tracker
 
     settings = load_settings(args.params)
     family = args.family or settings.train.family
@@ -219,7 +219,7 @@ def _run(args) -> int:
 
 def _status(args) -> int:
     from tasks.config.loading import load_settings
-    from tasks.track.tracker import Tracker
+    from tasks.track import Tracker
 
     settings = load_settings(args.params)
     tracker = Tracker(settings.registry)
@@ -247,7 +247,7 @@ def _report(args) -> int:
 
     from tasks.config.loading import load_settings
     from tasks.decide.report import html_page
-    from tasks.track.tracker import Tracker
+    from tasks.track import Tracker
 
     run_id, markdown_text = Tracker(load_settings(args.params).registry).decision_markdown(args.run)
     out = Path(args.out) / run_id
@@ -299,7 +299,7 @@ def _register_webhook(args) -> int:
     from flows.webhook_receiver import SECRET_ENV
     from tasks.config.loading import load_settings
     from tasks.core.errors import RequantError
-    from tasks.track.tracker import Tracker
+    from tasks.track import Tracker
 
     secret = os.environ.get(SECRET_ENV)
     if not secret:

@@ -1,6 +1,6 @@
 """The flow's MLflow record: nested candidate runs, the sensitivity ranking, the Pareto view.
 
-Thin helpers over the adapter (tasks.track.tracker) that know requant's domain objects.
+Thin helpers over the adapter (tasks.track) that know requant's domain objects.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Iterator
 
 import pandas as pd
 
+from tasks import track
 from tasks.build.reference import Reference
 from tasks.config.settings import Settings
 from tasks.data import version as data_version
@@ -24,8 +25,7 @@ from tasks.decide.report import candidate_markdown, short_names, verdict_word
 from tasks.decide.selection import Decision
 from tasks.evaluate.candidates import MeasuredCandidate
 from tasks.measure.sensitivity import GroupSensitivity, plot_ranking
-from tasks.track import tracker as tracking
-from tasks.track.tracker import Tracker
+from tasks.track import Tracker
 
 
 def flat(prefix: str, values: dict) -> dict[str, object]:
@@ -73,12 +73,12 @@ def log_candidates(tracker: Tracker, parent_id: str, measured: list[MeasuredCand
         verdict = decision.verdicts.get(b.name)
         status = verdict_word(m, decision)
         run_id = tracker.candidate_run(parent_id, names[b.name], {
-            tracking.TAG_RECIPE: b.recipe, tracking.TAG_CANDIDATE: b.name, tracking.TAG_CONFIG_HASH: b.config_hash,
-            tracking.TAG_DATA_VERSION: data.version, "requant.precision": b.precision, "requant.parent_key": key,
+            track.TAG_RECIPE: b.recipe, track.TAG_CANDIDATE: b.name, track.TAG_CONFIG_HASH: b.config_hash,
+            track.TAG_DATA_VERSION: data.version, "requant.precision": b.precision, "requant.parent_key": key,
             "requant.verdict": status, "requant.reason": verdict.reason if verdict else "",
             "requant.is_production": str(b.is_production).lower(),
             **({"requant.priced_from": m.served_price.describe()} if m.served_price else {}),
-            **({tracking.TAG_FAILURE: m.error} if m.error else {}),
+            **({track.TAG_FAILURE: m.error} if m.error else {}),
         }, start_time_ms=b.started_at_ms or None)
         tracker.describe_run(run_id, candidate_markdown(m, decision)
                              + f"\n\nAll candidates of this decision, cheapest first: [verdict, cost, accuracy]({view}).")
@@ -165,7 +165,7 @@ def log_qat(tracker: Tracker, parent_id: str, escalation, labels: list[str], key
         run_id = tracker.candidate_run(parent_id, f"qat-attempt-{attempt.target}", {
             "requant.qat_attempt": "true", "requant.qat_target": attempt.target, "requant.parent_key": key,
             "requant.qat_stop_reason": attempt.stop_reason[:500], "requant.qat_reason": escalation.reason[:500],
-            **({tracking.TAG_FAILURE: attempt.error} if attempt.error else {}),
+            **({track.TAG_FAILURE: attempt.error} if attempt.error else {}),
         }, start_time_ms=attempt.started_at_ms or None)
         tracker.log_params(run_id, {"recipe": attempt.recipe, "scheme": attempt.scheme, **flat("config", attempt.config),
                                     **flat("qat", escalation.settings)})

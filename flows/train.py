@@ -15,7 +15,7 @@ from tasks.config.settings import DataSettings, ModelSettings, TrainSettings
 from tasks.data.prepare import LABEL, TEXT, load_split
 from tasks.measure.scoring import label_indices, predict_torch, tokenized_batches
 from tasks.models.io import load_classifier, resolve_encoder_dir
-from tasks.track.tracker import Tracker
+from tasks.track import Tracker
 from tasks.train.training import train_baseline
 
 log = logging.getLogger("requant")

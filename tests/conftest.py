@@ -127,7 +127,7 @@ def make_project(root: Path, params_update: dict) -> Path:
     The stage's code dependency points at the installed tasks/data/prepare.py.
     """
     root.mkdir(parents=True, exist_ok=True)
-    stage = (REPO / "dvc.yaml").read_text().replace("- tasks/data/prepare.py", f"- {REPO / 'tasks' / 'data_prep.py'}")
+    stage = (REPO / "dvc.yaml").read_text().replace("- tasks/data/prepare.py", f"- {REPO / 'tasks' / 'data' / 'prepare.py'}")
     (root / "dvc.yaml").write_text(stage)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for section, values in params_update.items():

@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from tasks import track
 from tasks.serve.serving import ServingAssets, ServingLimits
-from tasks.track import tracker as tracking
 
 LABELS = ["card_lost", "top_up", "refund", "exchange_rate"]
 
@@ -33,7 +33,7 @@ def constant_label_graph(path: Path, label_index: int, classes: int = len(LABELS
     return path
 
 
-def register_serving_version(tracker: tracking.Tracker, work: Path, tokenizer_dir: Path, label_index: int, key: str,
+def register_serving_version(tracker: track.Tracker, work: Path, tokenizer_dir: Path, label_index: int, key: str,
                              throughput_per_s: float = 400.0, limits: ServingLimits | None = None) -> str:
     """Log a constant-label text classifier on a candidate run (with the throughput and cost the flow
     would have logged) and register it as a version of the serving model; return the version."""
@@ -46,4 +46,4 @@ def register_serving_version(tracker: tracking.Tracker, work: Path, tokenizer_di
     assets = ServingAssets(Path(tokenizer_dir), LABELS, 32, limits or ServingLimits())
     uri = tracker.log_serving_model(run_id, graph, assets, key)
     tracker.finish(run_id)
-    return tracker.register_winner(uri, {tracking.TAG_KEY: key, tracking.TAG_CONFIG_HASH: f"hash-{key}"}, work / "locks")
+    return tracker.register_winner(uri, {track.TAG_KEY: key, track.TAG_CONFIG_HASH: f"hash-{key}"}, work / "locks")

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.data.prepare import sha256_of
+from tasks.core.hashing import sha256_of
 from tests.conftest import BANKING77, REPO
 from tests.servers import HOST, free_port
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tasks.track import tracker as tracking
+from tasks import track
 from tests.conftest import tiny_project
 
 pytestmark = pytest.mark.e2e
@@ -30,7 +30,7 @@ def decided(tmp_path_factory, tiny_model_folder, prefect_server):
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     children = client.search_runs([client.get_run(summary.parent_run_id).info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{summary.parent_run_id}'")
-    return project, summary, client, {r.data.tags[tracking.TAG_CANDIDATE]: r for r in children}
+    return project, summary, client, {r.data.tags[track.TAG_CANDIDATE]: r for r in children}
 
 
 def test_every_candidate_run_carries_its_verdict_and_reason(decided):
@@ -87,9 +87,9 @@ def test_descriptions_tell_the_decision_the_cost_and_link_the_version_to_its_run
     for part in ("## Decision", "## Cost", "## Candidates", "Savings vs FP32", "paid back by", summary.winner):
         assert part in note
     version = client.get_model_version("minilm-banking77-serving", summary.promoted_version)
-    assert summary.parent_run_id in version.description and version.tags[tracking.TAG_PARENT_RUN] == summary.parent_run_id
+    assert summary.parent_run_id in version.description and version.tags[track.TAG_PARENT_RUN] == summary.parent_run_id
     assert f"-> version {summary.promoted_version}" in client.get_registered_model("minilm-banking77-serving").description
-    assert parent.data.tags[tracking.TAG_PROMOTED_VERSION] == summary.promoted_version
+    assert parent.data.tags[track.TAG_PROMOTED_VERSION] == summary.promoted_version
 
 
 def test_lineage_user_source_commit_and_data_inputs_on_every_run(decided):

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from flows.requantize import decision_key
+from flows.steps import decision_key
 from tasks.config.loading import load_settings
 from tasks.data.version import DataVersion
 from tests.conftest import REPO

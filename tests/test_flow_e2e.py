@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from tasks import track
 from tasks.core.errors import DataError
-from tasks.track import tracker as tracking
 from tests.conftest import banking77_slice, make_project
 
 pytestmark = pytest.mark.e2e
@@ -50,7 +50,7 @@ def test_flow_logs_every_candidate_as_a_nested_run_with_the_same_metrics(project
     from tasks.config.loading import load_settings
     from tasks.config.search_space import expand_all
 
-    names = {r.data.tags[tracking.TAG_CANDIDATE] for r in children}  # run names are short; the full spec is a tag
+    names = {r.data.tags[track.TAG_CANDIDATE] for r in children}  # run names are short; the full spec is a tag
     grid = {c.name for c in expand_all(load_settings(project[0] / "params.yaml").quantize.candidates)}
     assert len(grid) == 9 and "int8-dynamic[per_channel=true,graph=plain]" in grid  # the declared grid, expanded
     assert grid <= names and all(n.startswith("search-keep-fp32-k") for n in names - grid)
@@ -64,23 +64,23 @@ def test_flow_logs_every_candidate_as_a_nested_run_with_the_same_metrics(project
     assert {"accuracy", "macro_f1", "hard_slice_accuracy", "hard_slice_relative_loss", "hard_slice_relative_loss_high",
             "latency_p95_ms", "throughput_per_s", "size_mb", "peak_memory_mb", "monthly_cost_usd", "passed_bar",
             "is_winner"} <= set(measured[0].data.metrics)
-    verdicts = {r.data.tags[tracking.TAG_CANDIDATE]: r.data.tags["requant.verdict"] for r in children}
+    verdicts = {r.data.tags[track.TAG_CANDIDATE]: r.data.tags["requant.verdict"] for r in children}
     assert verdicts[first_run.winner] == "winner" and set(verdicts.values()) <= {"winner", "pass", "fail", "screened out", "deferred"}
     # Memory is each model's own: the FP32 graph (~90 MB) needs more than dynamic INT8 (~23 MB).
-    memory = {r.data.tags[tracking.TAG_CANDIDATE]: r.data.metrics["peak_memory_mb"] for r in measured}
+    memory = {r.data.tags[track.TAG_CANDIDATE]: r.data.metrics["peak_memory_mb"] for r in measured}
     if "fp32" in memory:
         assert memory["fp32"] > memory["int8-dynamic[per_channel=true,graph=plain]"] + 20
     else:  # the speed screen found FP32 clearly slower than a passing INT8 rival: never timed, no memory probe
         assert "fp32" in first_run.decision["screening"]["speed_screened_out"]
     assert all(r.inputs.dataset_inputs and r.inputs.dataset_inputs[0].dataset.name == "evaluation" for r in children)
-    assert parent.data.tags[tracking.TAG_DATA_VERSION] == children[0].data.tags[tracking.TAG_DATA_VERSION]
+    assert parent.data.tags[track.TAG_DATA_VERSION] == children[0].data.tags[track.TAG_DATA_VERSION]
 
 
 def test_decision_record_agrees_with_the_logged_metrics(project, first_run):
     _, client = project
-    path = client.download_artifacts(first_run.parent_run_id, tracking.DECISION_FILE)
+    path = client.download_artifacts(first_run.parent_run_id, track.DECISION_FILE)
     record = json.loads(Path(path).read_text())
-    children = {r.data.tags[tracking.TAG_CANDIDATE]: r for r in client.search_runs(
+    children = {r.data.tags[track.TAG_CANDIDATE]: r for r in client.search_runs(
         [client.get_run(first_run.parent_run_id).info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{first_run.parent_run_id}'")}
     winner = record["winner"]
@@ -107,19 +107,19 @@ def test_production_alias_points_at_the_winner_with_its_lineage(project, first_r
     assert first_run.outcome == "promoted"
     version = client.get_model_version_by_alias("minilm-banking77-serving", "production")
     assert str(version.version) == first_run.promoted_version
-    assert version.tags[tracking.TAG_CANDIDATE] == first_run.winner
-    assert version.tags[tracking.TAG_SOURCE_URI] == "models:/minilm-banking77@champion"
-    assert version.tags[tracking.TAG_SOURCE_VERSION] == "1"
-    assert version.tags[tracking.TAG_DATA_VERSION] == client.get_run(first_run.parent_run_id).data.tags[tracking.TAG_DATA_VERSION]
+    assert version.tags[track.TAG_CANDIDATE] == first_run.winner
+    assert version.tags[track.TAG_SOURCE_URI] == "models:/minilm-banking77@champion"
+    assert version.tags[track.TAG_SOURCE_VERSION] == "1"
+    assert version.tags[track.TAG_DATA_VERSION] == client.get_run(first_run.parent_run_id).data.tags[track.TAG_DATA_VERSION]
 
 
 def test_the_decision_is_recorded_before_the_alias_moves(project, first_run):
     _, client = project
     parent = client.get_run(first_run.parent_run_id)
-    assert parent.data.tags[tracking.TAG_PROMOTED_VERSION] == first_run.promoted_version
-    assert parent.data.tags[tracking.TAG_PROMOTION] == "done"
+    assert parent.data.tags[track.TAG_PROMOTED_VERSION] == first_run.promoted_version
+    assert parent.data.tags[track.TAG_PROMOTION] == "done"
     version = client.get_model_version("minilm-banking77-serving", first_run.promoted_version)
-    assert version.tags[tracking.TAG_PARENT_RUN] == first_run.parent_run_id
+    assert version.tags[track.TAG_PARENT_RUN] == first_run.parent_run_id
 
 
 def test_running_again_with_the_same_inputs_changes_nothing(project, first_run):
@@ -148,7 +148,7 @@ def test_data_that_fails_validation_stops_the_run_and_leaves_production(project,
         test_csv.write_text(original)
     failed = client.search_runs([client.get_run(first_run.parent_run_id).info.experiment_id],
                                 filter_string="attributes.status = 'FAILED'")
-    assert any("data validation failed" in r.data.tags.get(tracking.TAG_FAILURE, "") for r in failed)
+    assert any("data validation failed" in r.data.tags.get(track.TAG_FAILURE, "") for r in failed)
     assert str(client.get_model_version_by_alias("minilm-banking77-serving", "production").version) == first_run.promoted_version
 
 

@@ -71,7 +71,7 @@ def no_tokenizer(folder, minilm_dir):
 def no_production(project) -> bool:
     """Whether the serving model's production alias is still unset (what `requant status` reports)."""
     from tasks.config.loading import load_settings
-    from tasks.track.tracker import Tracker
+    from tasks.track import Tracker
 
     return Tracker(load_settings(project / "params.yaml").registry).production() is None
 

@@ -32,7 +32,7 @@ def hf_project(tmp_path_factory, minilm_dir, tiny_bert_classifier):
 
 def register(params_path: str, folder, name: str) -> str:
     from tasks.config.loading import load_settings
-    from tasks.track.tracker import Tracker
+    from tasks.track import Tracker
 
     return Tracker(load_settings(params_path).registry).register_transformers(folder, name, "champion", "train", {},
                                                                               {"test_accuracy": 0.25})

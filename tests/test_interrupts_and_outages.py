@@ -11,7 +11,7 @@ import pytest
 from tasks.config.settings import RegistrySettings
 from tasks.core import interrupts
 from tasks.core.errors import ServiceUnavailable
-from tasks.track.tracker import Tracker, service_failure
+from tasks.track import Tracker, service_failure
 from tests.servers import free_port
 
 
@@ -106,7 +106,7 @@ STUCK_RUN = """
 import sys, time
 from tasks.core import interrupts
 from tasks.config.settings import RegistrySettings
-from tasks.track.tracker import Tracker
+from tasks.track import Tracker
 
 interrupts.GRACE_S = 1.0
 interrupts.install()

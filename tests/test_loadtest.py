@@ -16,7 +16,7 @@ import pytest
 
 from flows.cli import main
 from tasks.config.loading import load_settings
-from tasks.track.tracker import Tracker
+from tasks.track import Tracker
 from tests.registry_helpers import register_serving_version
 from tests.test_rollout import write_params
 

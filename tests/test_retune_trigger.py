@@ -37,7 +37,7 @@ def completed_runs(api: str, model_uri: str) -> list[dict]:
 
 def test_new_model_version_triggers_requantize_and_moves_the_alias(tmp_path, tiny_model_folder):
     from tasks.config.settings import RegistrySettings
-    from tasks.track.tracker import Tracker
+    from tasks.track import Tracker
 
     with prefect_api_server(tmp_path / "prefect") as api, mlflow_tracking_server(tmp_path / "mlflow") as mlflow_url:
         project = tiny_project(tmp_path, tiny_model_folder, model={"source_uri": "models:/tiny-src@champion"},

@@ -12,11 +12,11 @@ import yaml
 from mlflow import MlflowClient
 
 from flows.cli import main
+from tasks import track
 from tasks.config.loading import load_settings
 from tasks.serve.rollback import blocking_rollback
 from tasks.serve.rollout import ShadowResult, judge_rollout
-from tasks.track import tracker as tracking
-from tasks.track.tracker import Tracker
+from tasks.track import Tracker
 from tests.conftest import REPO
 from tests.registry_helpers import LABELS, register_serving_version
 
@@ -62,7 +62,7 @@ def test_challenger_that_agrees_is_shadowed_then_flipped_to_production(registry,
     assert main(["rollout", "--params", params, "--sample", str(sample)]) == 0
     assert "flipped: version 2 is now production" in capsys.readouterr().out
     assert str(tracker.production().version) == second and tracker.challenger() is None
-    assert tracker.production().tags[tracking.TAG_PREVIOUS_PRODUCTION] == "1"  # where a rollback would go
+    assert tracker.production().tags[track.TAG_PREVIOUS_PRODUCTION] == "1"  # where a rollback would go
     [run] = runs_of(tracker, "rollout")
     assert run.info.status == "FINISHED" and run.data.tags["requant.rollout_outcome"] == "flipped"
     assert run.data.metrics["agreement"] == 1.0 and run.data.metrics["rows"] == 12
@@ -114,11 +114,11 @@ def test_rollback_moves_production_back_and_records_who_when_why(registry, tmp_p
     assert "production is version 1 again (was 2), by oncall-ana" in capsys.readouterr().out
     assert str(tracker.production().version) == "1"
     rolled = MlflowClient(tracker.uri).get_model_version(MODEL, second).tags
-    assert rolled[tracking.TAG_ROLLED_BACK_BY] == "oncall-ana" and rolled[tracking.TAG_ROLLED_BACK_TO] == "1"
-    assert rolled[tracking.TAG_ROLLBACK_REASON] == "p95 doubled after the flip" and rolled[tracking.TAG_ROLLED_BACK_AT]
+    assert rolled[track.TAG_ROLLED_BACK_BY] == "oncall-ana" and rolled[track.TAG_ROLLED_BACK_TO] == "1"
+    assert rolled[track.TAG_ROLLBACK_REASON] == "p95 doubled after the flip" and rolled[track.TAG_ROLLED_BACK_AT]
     [run] = runs_of(tracker, "rollback")
-    assert run.info.status == "FINISHED" and run.info.run_id == rolled[tracking.TAG_ROLLBACK_RUN]
-    assert run.data.tags["requant.from_version"] == "2" and run.data.tags[tracking.TAG_ROLLED_BACK_TO] == "1"
+    assert run.info.status == "FINISHED" and run.info.run_id == rolled[track.TAG_ROLLBACK_RUN]
+    assert run.data.tags["requant.from_version"] == "2" and run.data.tags[track.TAG_ROLLED_BACK_TO] == "1"
     [record] = tracker.rolled_back_versions()
     assert record["version"] == second and record["decision_key"] == "key-2" and record["by"] == "oncall-ana"
     # What the nightly run consults before promoting: the same key, or the same config, is blocked.

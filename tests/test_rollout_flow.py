@@ -14,9 +14,9 @@ import yaml
 from onnx import TensorProto, helper, numpy_helper
 
 from flows.cli import main
+from tasks import track
 from tasks.config.loading import load_settings
-from tasks.track import tracker as tracking
-from tasks.track.tracker import Tracker
+from tasks.track import Tracker
 from tests.conftest import tiny_project
 
 pytestmark = pytest.mark.e2e
@@ -56,7 +56,7 @@ def test_challenger_rollout_then_rollback_and_no_repromotion(tmp_path, tiny_mode
     # An older version to go back to (one the flow cannot measure, so the rolled-back winner is the only candidate).
     run_id = tracker.client.create_run(tracker.experiment_id(), run_name="older").info.run_id
     older = tracker.register_winner(tracker.log_onnx_model(run_id, unmeasurable_graph(tmp_path / "old.onnx"), 4),
-                                    {tracking.TAG_KEY: "older"}, tmp_path / "locks")
+                                    {track.TAG_KEY: "older"}, tmp_path / "locks")
     monkeypatch.setenv("REQUANT_USER", "oncall-ana")
     assert main(["rollback", "--params", params, "--to", older, "--reason", "support tickets doubled"]) == 0
     assert str(tracker.production().version) == older

@@ -55,7 +55,7 @@ def test_flow_prices_winner_production_and_fp32_from_served_capacity_and_a_broke
         tmp_path, tiny_model_folder, prefect_server):
     from flows.requantize import requantize
     from tasks.config.loading import load_settings
-    from tasks.track.tracker import TAG_PRODUCTION_BROKEN, Tracker
+    from tasks.track import TAG_PRODUCTION_BROKEN, Tracker
 
     project = tiny_project(tmp_path, tiny_model_folder,
                            serving={"price_from": "served", "step_seconds": 1, "max_seconds": 12},

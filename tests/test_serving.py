@@ -20,7 +20,7 @@ from tasks.config.settings import RegistrySettings
 from tasks.serve.front import ServedFiles, files_of_mlflow_model, served_front
 from tasks.serve.processes import free_port, stop_group
 from tasks.serve.serving import LOG_LEVEL_ENV, ServingAssets, ServingLimits
-from tasks.track.tracker import Tracker
+from tasks.track import Tracker
 from tests.registry_helpers import (
     LABELS,
     constant_label_graph,

@@ -157,7 +157,7 @@ def stack(tmp_path_factory, tiny_model_folder):
 @pytest.fixture(scope="module")
 def tracker(stack):
     from tasks.config.settings import RegistrySettings
-    from tasks.track.tracker import Tracker
+    from tasks.track import Tracker
 
     return Tracker(RegistrySettings(tracking_uri=stack.mlflow_url, artifact_location=None, serving_model_name=SERVING))
 
@@ -243,7 +243,7 @@ def test_new_source_version_fires_the_webhook_and_the_worker_moves_the_alias(sta
 
 
 def test_killed_worker_leaves_a_crashed_run_and_the_next_run_promotes_once(stack, tracker, tiny_model_folder):
-    from tasks.track import tracker as tracking
+    from tasks import track
 
     retire_production(stack)
     version = register_source(tracker, tiny_model_folder)
@@ -253,7 +253,7 @@ def test_killed_worker_leaves_a_crashed_run_and_the_next_run_promotes_once(stack
     experiment = tracker.client.get_experiment_by_name("requant").experiment_id
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not tracker.client.search_runs(
-            [experiment], f"tags.`{tracking.TAG_SOURCE_VERSION}` = '{version}' and attributes.status = 'RUNNING'"):
+            [experiment], f"tags.`{track.TAG_SOURCE_VERSION}` = '{version}' and attributes.status = 'RUNNING'"):
         time.sleep(0.5)
     # The machine is lost: the worker and its flow-run process die at once, nothing reports.
     worker = psutil.Process(stack.pid("prefect-worker"))
@@ -276,11 +276,11 @@ def test_killed_worker_leaves_a_crashed_run_and_the_next_run_promotes_once(stack
     assert [r["id"] for r in stack.wait_for_runs(model_uri, {"CRASHED"}, 1, 1)] == [crashed[0]["id"]]
     # Exactly one version registered and one promotion for this source version; the dead run is closed.
     assert len(serving_versions_of(tracker.client, version)) == 1
-    parents = tracker.client.search_runs([experiment], f"tags.`{tracking.TAG_SOURCE_VERSION}` = '{version}'")
+    parents = tracker.client.search_runs([experiment], f"tags.`{track.TAG_SOURCE_VERSION}` = '{version}'")
     parents = [r for r in parents if "mlflow.parentRunId" not in r.data.tags]
     assert sorted(r.info.status for r in parents) == ["FAILED", "FINISHED"], [(r.info.status, r.data.tags) for r in parents]
-    assert [r.data.tags.get(tracking.TAG_PROMOTION) for r in parents if r.info.status == "FINISHED"] == ["done"]
-    assert "died" in next(r for r in parents if r.info.status == "FAILED").data.tags[tracking.TAG_FAILURE]
+    assert [r.data.tags.get(track.TAG_PROMOTION) for r in parents if r.info.status == "FINISHED"] == ["done"]
+    assert "died" in next(r for r in parents if r.info.status == "FAILED").data.tags[track.TAG_FAILURE]
 
 
 def test_restarted_mlflow_server_still_delivers_the_webhook(stack, tracker, tiny_model_folder):

@@ -8,10 +8,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from tasks import track
 from tasks.config.settings import RegistrySettings
 from tasks.core.errors import ModelSourceError, RequantError
-from tasks.track import tracker as tracking
-from tasks.track.tracker import Tracker
+from tasks.core.hashing import folder_digest
+from tasks.track import Tracker
 
 
 @pytest.fixture
@@ -46,8 +47,8 @@ def logged_candidate(tracker, tmp_path, name="int8"):
 
 
 def tags(key, accuracy="0.92", cost="195.00"):
-    return {tracking.TAG_KEY: key, tracking.TAG_ACCURACY: accuracy, tracking.TAG_MONTHLY_COST: cost,
-            tracking.TAG_RECIPE: "int8-dynamic"}
+    return {track.TAG_KEY: key, track.TAG_ACCURACY: accuracy, track.TAG_MONTHLY_COST: cost,
+            track.TAG_RECIPE: "int8-dynamic"}
 
 
 def test_register_source_then_fetch_it_by_alias_and_version(tracker, tiny_model_folder, tmp_path):
@@ -55,7 +56,7 @@ def test_register_source_then_fetch_it_by_alias_and_version(tracker, tiny_model_
     by_alias = tracker.fetch_source("models:/src@champion", tmp_path / "dl")
     by_version = tracker.fetch_source(f"models:/src/{version}", tmp_path / "dl")
     assert by_alias.version == version and by_alias.folder == by_version.folder
-    assert by_alias.digest == tracking.folder_digest(tiny_model_folder)
+    assert by_alias.digest == folder_digest(tiny_model_folder)
 
 
 def test_fetch_source_unknown_model_says_how_to_fix(tracker, tmp_path):
@@ -78,7 +79,7 @@ def test_fetch_source_unknown_alias_or_version_lists_what_the_registry_has(track
     ("relative/folder", None),
 ])
 def test_parse_model_uri_reads_registry_forms_and_local_paths(uri, parsed):
-    assert tracking.parse_model_uri(uri) == parsed
+    assert track.parse_model_uri(uri) == parsed
 
 
 @pytest.mark.parametrize("uri, message", [
@@ -91,7 +92,7 @@ def test_parse_model_uri_reads_registry_forms_and_local_paths(uri, parsed):
 ])
 def test_parse_model_uri_refuses_other_forms_in_one_line(uri, message):
     with pytest.raises(ModelSourceError, match=message):
-        tracking.parse_model_uri(uri)
+        track.parse_model_uri(uri)
 
 
 def test_tracker_on_a_closed_port_fails_in_one_line_within_bounded_retries(monkeypatch):
@@ -118,7 +119,7 @@ def test_promote_moves_the_alias_and_tags_the_version(tracker, tmp_path):
     version = tracker.promote(uri, tags("k1"), tmp_path / "locks")
     current = tracker.production()
     assert str(current.version) == version
-    assert current.tags[tracking.TAG_KEY] == "k1" and float(current.tags[tracking.TAG_ACCURACY]) == pytest.approx(0.92)
+    assert current.tags[track.TAG_KEY] == "k1" and float(current.tags[track.TAG_ACCURACY]) == pytest.approx(0.92)
 
 
 def test_promote_same_decision_key_twice_registers_one_version(tracker, tmp_path):
@@ -170,30 +171,30 @@ def dead_process_identity():
 def killed_parent(tracker, extra_tags):
     """A parent run left RUNNING by a process that died, with one RUNNING candidate run."""
     run_id = tracker.client.create_run(tracker.experiment_id(),
-                                       tags={tracking.TAG_PROCESS: dead_process_identity(), **extra_tags}).info.run_id
+                                       tags={track.TAG_PROCESS: dead_process_identity(), **extra_tags}).info.run_id
     child = tracker.candidate_run(run_id, "int8", {})
     return run_id, child
 
 
 def test_reconcile_completes_a_promotion_whose_alias_had_moved(tracker, tmp_path):
     version = tracker.promote(logged_candidate(tracker, tmp_path), tags("k1"), tmp_path / "locks")
-    run_id, child = killed_parent(tracker, {tracking.TAG_KEY: "k1", tracking.TAG_PROMOTED_VERSION: version,
-                                            tracking.TAG_PROMOTION: "pending"})
+    run_id, child = killed_parent(tracker, {track.TAG_KEY: "k1", track.TAG_PROMOTED_VERSION: version,
+                                            track.TAG_PROMOTION: "pending"})
     closed = {c["run_id"]: c for c in tracker.reconcile_stale_runs()}
     assert closed[run_id]["status"] == "FINISHED"
     run = tracker.client.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.data.tags[tracking.TAG_PROMOTION] == "done"
+    assert run.info.status == "FINISHED" and run.data.tags[track.TAG_PROMOTION] == "done"
     assert tracker.previous_decision("k1")["run_id"] == run_id  # the promotion now counts as decided
     assert tracker.client.get_run(child).info.status == "FAILED"
 
 
 def test_reconcile_fails_a_decision_whose_alias_never_moved_so_it_is_redone(tracker, tmp_path):
     version = tracker.register_winner(logged_candidate(tracker, tmp_path), tags("k2"), tmp_path / "locks")
-    run_id, _ = killed_parent(tracker, {tracking.TAG_KEY: "k2", tracking.TAG_PROMOTED_VERSION: version,
-                                        tracking.TAG_PROMOTION: "pending"})
+    run_id, _ = killed_parent(tracker, {track.TAG_KEY: "k2", track.TAG_PROMOTED_VERSION: version,
+                                        track.TAG_PROMOTION: "pending"})
     tracker.reconcile_stale_runs()
     run = tracker.client.get_run(run_id)
-    assert run.info.status == "FAILED" and "before the alias moved" in run.data.tags[tracking.TAG_FAILURE]
+    assert run.info.status == "FAILED" and "before the alias moved" in run.data.tags[track.TAG_FAILURE]
     assert tracker.previous_decision("k2") is None and tracker.production() is None
     # The registered version is kept, and a redo for the same key reuses it.
     assert tracker.register_winner(logged_candidate(tracker, tmp_path, "again"), tags("k2"), tmp_path / "locks") == version
@@ -201,12 +202,12 @@ def test_reconcile_fails_a_decision_whose_alias_never_moved_so_it_is_redone(trac
 
 def test_reconcile_leaves_runs_of_live_processes_alone(tracker):
     live = tracker.client.create_run(tracker.experiment_id(),
-                                     tags={tracking.TAG_PROCESS: tracking.process_identity()}).info.run_id
+                                     tags={track.TAG_PROCESS: track.process_identity()}).info.run_id
     dead, _ = killed_parent(tracker, {})
     closed = {c["run_id"] for c in tracker.reconcile_stale_runs()}
     assert dead in closed and live not in closed
     assert tracker.client.get_run(live).info.status == "RUNNING"
-    assert "died before the run finished" in tracker.client.get_run(dead).data.tags[tracking.TAG_FAILURE]
+    assert "died before the run finished" in tracker.client.get_run(dead).data.tags[track.TAG_FAILURE]
 
 
 def test_fetch_production_downloads_the_graph_to_measure(tracker, tmp_path):

@@ -14,11 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from tasks.build.reference import Reference
-from tasks.config.settings import (
-    CandidateSpec,
-)
+from tasks.config.settings import CandidateSpec
+from tasks.core.hashing import sha256_of
 from tasks.core.locking import exclusive
-from tasks.data.prepare import sha256_of
 from tasks.models.graph import file_size_mb, onnx_session, prove_candidate
 from tasks.recipes.base import config_hash, parse_config, recipe_class
 

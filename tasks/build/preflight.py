@@ -27,7 +27,7 @@ def check_run_inputs(settings: Settings, model_uri: str | None) -> None:
     from tasks.data.prepare import require_file
     from tasks.measure.timing import cpu_info
     from tasks.models.base import open_model
-    from tasks.track.tracker import Tracker, parse_model_uri
+    from tasks.track import Tracker, parse_model_uri
 
     uri = model_uri or settings.model.source_uri
     registered = parse_model_uri(uri) is not None

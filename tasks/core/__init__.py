@@ -1,4 +1,4 @@
 """The ground floor: requant's errors, file locks, signal handling and write-failure messages.
 
-Imports nothing of requant. Everything else may import it.
+May import: nothing of requant. Every other package may import it.
 """

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tasks.config.settings import DataSettings
 from tasks.core.errors import DataError
-from tasks.data.prepare import sha256_of
+from tasks.core.hashing import sha256_of
 
 DOWNLOAD_TIMEOUT_S = 30.0
 

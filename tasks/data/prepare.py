@@ -8,7 +8,6 @@ recorded in dvc.lock.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from pathlib import Path
 
@@ -18,21 +17,13 @@ import pandas as pd
 from tasks.config.loading import load_settings
 from tasks.config.settings import DataSettings
 from tasks.core.errors import DataError, RequantError
+from tasks.core.hashing import sha256_of
 
 # Prepared files always use these column names, whatever the source calls them.
 TEXT = "text"
 LABEL = "label"
 CALIBRATION_FILE = "calibration.csv"
 EVALUATION_FILE = "evaluation.csv"
-
-
-def sha256_of(path: Path) -> str:
-    """Return the hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def require_file(path: Path) -> None:

@@ -10,17 +10,17 @@ import logging
 
 import numpy as np
 
+from tasks import track
 from tasks.build.candidates import BuiltCandidate
 from tasks.build.reference import Reference
 from tasks.config.settings import EvaluateSettings, QualityBar, Settings
 from tasks.core.errors import RequantError
-from tasks.data.prepare import sha256_of
+from tasks.core.hashing import sha256_of
 from tasks.decide.selection import Candidate, Decision, judge
 from tasks.decide.selection import Reference as QualityReference
 from tasks.evaluate.candidates import MeasuredCandidate, confirm
 from tasks.evaluate.speed import SpeedScreen
 from tasks.measure.speed_screen import TEST as SPEED_TEST
-from tasks.track import tracker as tracking
 
 log = logging.getLogger("requant")
 
@@ -33,14 +33,14 @@ def check_reference(reference: Reference) -> None:
             "the model's classes (or the model is untrained); check data.label_column and the model version")
 
 
-def production_candidate(production: tracking.ProductionVersion) -> BuiltCandidate:
+def production_candidate(production: track.ProductionVersion) -> BuiltCandidate:
     """The production version as a candidate, so it is measured in this run like any other."""
     tags = production.tags
     return BuiltCandidate(
-        name=f"production-v{production.version}", recipe=tags.get(tracking.TAG_RECIPE, "unknown"),
-        precision=tags.get("requant.precision", "production"), config={}, config_hash=tags.get(tracking.TAG_CONFIG_HASH, ""),
+        name=f"production-v{production.version}", recipe=tags.get(track.TAG_RECIPE, "unknown"),
+        precision=tags.get("requant.precision", "production"), config={}, config_hash=tags.get(track.TAG_CONFIG_HASH, ""),
         model_path=production.model_path, built_by="registry", reused=True, is_production=True,
-        model_sha256=tags.get(tracking.TAG_MODEL_SHA256) or sha256_of(production.model_path))
+        model_sha256=tags.get(track.TAG_MODEL_SHA256) or sha256_of(production.model_path))
 
 
 def confirm_winner(winner: MeasuredCandidate | None, decision: Decision, reference: Reference,

@@ -1,4 +1,5 @@
-"""Evaluate built candidates: score them against FP32 (screened, cached), time them side by side, price them, confirm the winner."""
+"""Evaluate built candidates: score them against FP32 (screened, cached), time them side by side,
+price them, and confirm the winner on rows that took no part in choosing it."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Rollback rules: who is rolling back, and whether a winner repeats a rolled-back version.
 
 Pure functions; the registry side (moving the alias, the record, the query of rolled-back
-versions) is in tasks.track.tracker.
+versions) is in tasks.track.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 `replay` sends the same texts through both models, alternating which goes first per batch (so a
 warm cache or a noisy neighbour does not favour one), and measures agreement, per-call latency
 and, where the sample has labels, accuracy. `judge_rollout` is the pure rule. The MLflow side
-(loading the versions, the recorded run, the alias flip) is in flows/after_decision.py via tasks.track.tracker.
+(loading the versions, the recorded run, the alias flip) is in flows/after_decision.py via tasks.track.
 """
 
 from __future__ import annotations
