@@ -1,5 +1,6 @@
 """The requantize flow: data -> FP32 reference -> candidates built in parallel -> measured -> selected
--> recorded -> promoted. Its body is the list of its steps (flows/steps.py), in the card's order.
+-> recorded -> promoted. Its body is the list of its steps (flows/steps.py), in the card's order; a
+causal language model takes the decoder path (flows/decoder_steps.py), the same card on text.
 
 This module only wires: the work is in `tasks/`, the MLflow calls in `tasks.track`.
 """
@@ -10,7 +11,7 @@ from contextlib import ExitStack, nullcontext
 
 from prefect import flow
 
-from flows import steps
+from flows import decoder_steps, steps
 from flows.run_state import RunSummary
 from tasks.core import interrupts
 
@@ -41,6 +42,8 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
             (run.tracker.system_metrics(run.parent_id) if run.settings.operations.system_metrics else nullcontext()):
         steps.close_stale_runs(run)
         steps.source_model(run)
+        if run.family.task == "text-generation":  # a causal language model: judged on text, not labels
+            return decoder_steps.requantize_decoder(run)
         steps.data(run)
         if earlier := steps.already_decided(run):
             return earlier

@@ -103,6 +103,11 @@ class RunState:
     winner: MeasuredCandidate | None = None
     confirmation: dict | None = None
     outcome: str = ""
+    # the decoder path (flows/decoder_steps.py): its reference, candidates and decision
+    decoder_reference: Any = None  # tasks.build.decoder_reference.DecoderReference
+    decoders: list = field(default_factory=list)  # tasks.evaluate.decoders.DecoderCandidate
+    decoder_decision: Any = None  # tasks.decide.decoder_selection.DecoderDecision
+    text_hashes: dict[str, str] = field(default_factory=dict)  # sha256 of the held-out text files
     # record and promote
     model_uris: dict[str, str] = field(default_factory=dict)
     promoted_version: str | None = None
@@ -114,8 +119,9 @@ class RunState:
         """The run's summary, once it has decided (or found the decision already made)."""
         from prefect.runtime import flow_run
 
+        decision = self.decision or self.decoder_decision
         return RunSummary(outcome=self.outcome, decision_key=self.key, parent_run_id=self.parent_id,
-                          winner=self.decision.winner if self.decision else None,
+                          winner=decision.winner if decision else None,
                           promoted_version=self.promoted_version, table=self.table, report=self.report,
                           decision=self.decided, phases=self.clock.seconds,
                           flow_run_id=str(flow_run.id) if flow_run.id else None)

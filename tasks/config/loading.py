@@ -53,16 +53,22 @@ def load_settings(path: str | Path) -> Settings:
 
 
 def _resolve_paths(settings: Settings, base: Path) -> Settings:
+    update = {}
     data = settings.data
-    resolved = data.model_copy(
-        update={
+    if data is not None:
+        update["data"] = data.model_copy(update={
             "train_csv": _absolute(data.train_csv, base),
             "test_csv": _absolute(data.test_csv, base),
             "output_dir": _absolute(data.output_dir, base),
-            "mirror_url": (data.mirror_url if data.mirror_url is None or "://" in data.mirror_url
-                           else str(_absolute(Path(data.mirror_url), base))),
-        }
-    )
+            "mirror_url": _absolute_mirror(data.mirror_url, base),
+        })
+    text = settings.text_data
+    if text is not None:
+        update["text_data"] = text.model_copy(update={
+            "calibration_txt": _absolute(text.calibration_txt, base),
+            "evaluation_txt": _absolute(text.evaluation_txt, base),
+            "mirror_url": _absolute_mirror(text.mirror_url, base),
+        })
     registry = settings.registry
     uri = registry.tracking_uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
@@ -70,8 +76,13 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
     location = registry.artifact_location
     if location is not None and not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", location):  # a path, not a URI
         location = str(_absolute(Path(location), base))
-    registry = registry.model_copy(update={"tracking_uri": uri, "artifact_location": location})
-    return settings.model_copy(update={"data": resolved, "registry": registry})
+    update["registry"] = registry.model_copy(update={"tracking_uri": uri, "artifact_location": location})
+    return settings.model_copy(update=update)
+
+
+def _absolute_mirror(mirror_url: str | None, base: Path) -> str | None:
+    """A mirror given as a relative folder is relative to the params file; a URL is left alone."""
+    return mirror_url if mirror_url is None or "://" in mirror_url else str(_absolute(Path(mirror_url), base))
 
 
 def _absolute(path: Path, base: Path) -> Path:

@@ -77,9 +77,10 @@ class ModelSettings(_Section):
     )
     max_length: int = Field(128, ge=8, description="Tokenizer truncation length (capped by the model's positions).")
     onnx_opset: int = Field(17, ge=13, description="Opset of the exported FP32 ONNX graph.")
-    family: Literal["auto", "requant-head", "hf-sequence-classifier"] = Field(
+    family: Literal["auto", "requant-head", "hf-sequence-classifier", "hf-causal-lm"] = Field(
         "auto", description="Model family (tasks/models/): 'auto' detects it from the files (requant_model.json, "
-                            "config.json architectures, MLmodel flavors).")
+                            "config.json architectures, MLmodel flavors). 'hf-causal-lm' is a decoder language "
+                            "model, judged on `text_data` instead of `data`.")
     allow_pickle_weights: bool = Field(
         False, description="Load pytorch_model.bin when a model has no safetensors. Unpickling runs code from the "
                            "file: enable only for models whose origin you trust.")
@@ -256,6 +257,50 @@ class OperationsSettings(_Section):
     system_metrics: bool = Field(True, description="Log CPU, memory and disk use of the host on each requantize run (MLflow system metrics).")
 
 
+class TextDataSettings(_Section):
+    """Held-out text for a decoder language model (WikiText-2 by default): candidates are judged per
+    document (one article) on the same tokens as FP32."""
+
+    calibration_txt: Path = Field(description="Text for calibration and screening (WikiText-2 valid.txt).")
+    evaluation_txt: Path = Field(description="Text the decision is made on (WikiText-2 test.txt).")
+    calibration_sha256: str | None = Field(None, description="Expected sha256 of calibration_txt; null skips the check.")
+    evaluation_sha256: str | None = Field(None, description="Expected sha256 of evaluation_txt; null skips the check.")
+    mirror_url: str | None = Field(None, description="Local mirror tried first when a file is missing (a folder or URL); null = none.")
+    source_urls: dict[Literal["calibration", "evaluation"], str] = Field(
+        default_factory=dict, description="Public source of each file, tried after the mirror; a download must have "
+                                          "the pinned sha256 or it is refused.")
+    documents: int = Field(24, ge=2, description="Evaluation documents (articles) scored; the paired intervals are over them.")
+    calibration_documents: int = Field(4, ge=1, description="Calibration documents (for calibrated recipes and the proof).")
+    context_length: int = Field(256, ge=16, description="Tokens per scored window (at most the model's positions).")
+    windows_per_document: int = Field(1, ge=1, description="Windows of context_length tokens scored per document at most.")
+    min_document_tokens: int = Field(64, ge=2, description="Documents shorter than this (in tokens) are skipped.")
+
+
+class GenerationSettings(_Section):
+    """How a decoder language model generates: greedy agreement prompts, speed and the served model."""
+
+    prompts: list[str] = Field(
+        default_factory=lambda: ["What is the capital of France?", "Give me three tips for a job interview.",
+                                 "Explain what a neural network is in one sentence.", "Write a haiku about the sea.",
+                                 "How do I boil an egg?", "Summarise the plot of Romeo and Juliet.",
+                                 "What causes rain?", "Name two uses of a paperclip."],
+        min_length=1, description="Fixed prompts: FP32's greedy answers are compared with each candidate's.")
+    max_new_tokens: int = Field(32, ge=1, description="Tokens generated per prompt (greedy agreement, timing, serving default).")
+    use_chat_template: bool = Field(True, description="Apply the tokenizer's chat template to prompts (refused if it has none).")
+    prompt_tokens: int = Field(128, ge=1, description="Prompt length for time-to-first-token (prefill) timing.")
+    concurrency: int = Field(4, ge=1, description="Sequences decoded together for the batched decode speed.")
+    timing_rounds: int = Field(5, ge=2, description="Interleaved timing rounds per candidate.")
+
+
+class LmQualityBar(_Section):
+    """What a decoder candidate must meet against FP32 (each on the conservative end of its paired interval)."""
+
+    max_relative_perplexity_increase: float = Field(0.05, ge=0, description="Largest perplexity increase vs FP32, relative.")
+    min_token_agreement: float = Field(0.90, ge=0, le=1, description="Smallest top-1 next-token agreement with FP32.")
+    max_mean_kl: float = Field(0.10, ge=0, description="Largest mean KL(FP32 || candidate) per token, in nats.")
+    min_greedy_agreement: float = Field(0.5, ge=0, le=1, description="Smallest share of prompts whose greedy answer equals FP32's.")
+
+
 class HardwareProfile(_Section):
     """A machine type one could serve on, with its on-demand price."""
 
@@ -280,6 +325,8 @@ class TrafficSettings(_Section):
 
     requests_per_month: float = Field(gt=0, description="Requests served per month.")
     peak_requests_per_second: float = Field(gt=0, description="Peak load that must be absorbed without queueing.")
+    prompt_tokens_per_request: int = Field(200, ge=1, description="Decoder models: prompt tokens per request.")
+    output_tokens_per_request: int = Field(100, ge=1, description="Decoder models: generated tokens per request.")
 
 
 class CostSettings(_Section):
@@ -423,7 +470,8 @@ class ServingSettings(_Section):
 class Settings(_Section):
     """All of params.yaml."""
 
-    data: DataSettings
+    data: DataSettings | None = None
+    text_data: TextDataSettings | None = None
     model: ModelSettings = ModelSettings()
     train: TrainSettings = TrainSettings()
     quantize: QuantizeSettings
@@ -437,6 +485,15 @@ class Settings(_Section):
     rollout: RolloutSettings = RolloutSettings()
     loadtest: LoadtestSettings = LoadtestSettings()
     serving: ServingSettings = ServingSettings()
+    generation: GenerationSettings = GenerationSettings()
+    lm_quality_bar: LmQualityBar = LmQualityBar()
+
+    @model_validator(mode="after")
+    def _some_data(self) -> "Settings":
+        if self.data is None and self.text_data is None:
+            raise ValueError("no data: give `data` (labelled CSVs, for a classifier) or `text_data` (held-out text, "
+                             "for a decoder language model)")
+        return self
 
 
 class SettingsError(RequantError):

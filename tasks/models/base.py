@@ -1,4 +1,4 @@
-"""A model family: a registered unit that knows one on-disk classifier format.
+"""A model family: a registered unit that knows one on-disk model format (a classifier or a decoder).
 
 A family loads the FP32 PyTorch reference (safely), exports it to ONNX, fuses the graph, and
 tokenizes text into exactly the inputs its graph takes. Everything after that (recipes,
@@ -31,6 +31,8 @@ class ModelFamily(ABC):
 
     registry: ClassVar[dict[str, type["ModelFamily"]]] = {}
     id: ClassVar[str]
+    # What the model does: "text-classification" (logits per class) or "text-generation" (a decoder).
+    task: ClassVar[str] = "text-classification"
     # Lower is tried first by auto-detection (the most specific format first).
     detect_order: ClassVar[int] = 100
 

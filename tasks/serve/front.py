@@ -71,6 +71,20 @@ def files_of_mlflow_model(model_dir: Path) -> ServedFiles:
     return ServedFiles(paths["onnx_model"], paths["tokenizer"], paths["classifier_card"])
 
 
+def generation_files_of_mlflow_model(model_dir: Path) -> ServedFiles | None:
+    """The served files of a downloaded text-generation model (graph, tokenizer, generator card), or
+    None when the model is not one (a classifier, say)."""
+    mlmodel = Path(model_dir) / "MLmodel"
+    if not mlmodel.is_file():
+        return None
+    artifacts = (yaml.safe_load(mlmodel.read_text()).get("flavors", {}).get("python_function", {})
+                 .get("artifacts") or {})
+    if "generator_card" not in artifacts:
+        return None
+    paths = {name: Path(model_dir) / artifacts[name]["path"] for name in ("onnx_model", "tokenizer", "generator_card")}
+    return ServedFiles(paths["onnx_model"], paths["tokenizer"], paths["generator_card"])
+
+
 def texts_in(body: object) -> object:
     """The texts of a request body in any of MLflow's JSON input formats (checked later by check_texts).
 

@@ -14,7 +14,12 @@ from tasks.core.errors import ModelSourceError, RequantError
 from tasks.core.hashing import folder_digest, sha256_of
 from tasks.core.locking import exclusive
 from tasks.track.connection import Connection, version_behind_alias
-from tasks.track.runs import SERVING_EXAMPLE, lineage_tags, process_identity
+from tasks.track.runs import (
+    GENERATION_EXAMPLE,
+    SERVING_EXAMPLE,
+    lineage_tags,
+    process_identity,
+)
 from tasks.track.services import is_not_found
 from tasks.track.tags import (
     TAG_ACCURACY,
@@ -56,26 +61,43 @@ class ProductionBroken(RequantError):
 
 
 def _check_served_model(model_dir: Path, version: str) -> None:
-    """Load a downloaded serving model as requant's front would and have it answer two texts.
+    """Load a downloaded serving model as it is served and have it answer: two texts classified, or
+    one prompt answered by a text-generation model.
 
     Raises:
         ProductionBroken: it does not load, or does not answer one prediction per text.
     """
-    from tasks.serve.front import files_of_mlflow_model
-    from tasks.serve.serving import TextClassifier
+    from tasks.serve.front import (
+        files_of_mlflow_model,
+        generation_files_of_mlflow_model,
+    )
 
     try:
-        files = files_of_mlflow_model(model_dir)
-        classifier = TextClassifier(files.onnx_model, files.tokenizer, files.card, threads=1)
-        try:
-            answers = classifier.classify(SERVING_EXAMPLE)
-        finally:
-            classifier.batcher.close()
+        generation = generation_files_of_mlflow_model(model_dir)
+        if generation is not None:
+            from tasks.serve.generation import TextGenerator
+
+            generator = TextGenerator(generation.onnx_model, generation.tokenizer, generation.card, threads=1)
+            try:
+                answers = generator.generate(GENERATION_EXAMPLE, max_new_tokens=2)
+            finally:
+                generator.close()
+            expected = len(GENERATION_EXAMPLE)
+        else:
+            from tasks.serve.serving import TextClassifier
+
+            files = files_of_mlflow_model(model_dir)
+            classifier = TextClassifier(files.onnx_model, files.tokenizer, files.card, threads=1)
+            try:
+                answers = classifier.classify(SERVING_EXAMPLE)
+            finally:
+                classifier.batcher.close()
+            expected = len(SERVING_EXAMPLE)
     except Exception as exc:
         raise ProductionBroken(version, f"it does not load as the served model ({type(exc).__name__}: "
                                         f"{str(exc).splitlines()[0] if str(exc) else ''})"[:400]) from exc
-    if len(answers) != len(SERVING_EXAMPLE):
-        raise ProductionBroken(version, f"it answered {len(answers)} predictions for {len(SERVING_EXAMPLE)} texts")
+    if len(answers) != expected:
+        raise ProductionBroken(version, f"it answered {len(answers)} predictions for {expected} texts")
 
 
 @dataclass(frozen=True)

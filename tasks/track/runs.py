@@ -30,6 +30,7 @@ PIP_REQUIREMENTS = ["onnxruntime==1.32.0", "onnx==1.23.2"]
 SERVING_REQUIREMENTS = ["onnxruntime==1.32.0", "transformers==4.57.6", "tokenizers==0.22.2", "numpy", "pandas",
                         "uvicorn", "uvloop", "httptools"]
 SERVING_EXAMPLE = ["I lost my card", "how long does a transfer take?"]
+GENERATION_EXAMPLE = ["What is the capital of France?"]
 # How long a failing run keeps trying to record its FAILED mark on an unreachable server.
 FAILURE_MARK_S = 20.0
 
@@ -280,6 +281,36 @@ class RunLog(Connection):
                                "classifier_card": str(card)},
                     input_example=SERVING_EXAMPLE, pip_requirements=SERVING_REQUIREMENTS,
                 )
+        return info.model_uri
+
+    def log_generation_model(self, run_id: str, model_path: Path, tokenizer_dir: Path, card_path: Path,
+                             name: str = "model") -> str:
+        """Log a decoder candidate as the served text-generation model: an MLflow pyfunc, texts in,
+        generated texts out (chat template applied, greedy, `max_new_tokens` as a param).
+
+        Its code is tasks/serve/generation_pyfunc.py with generation.py and batching.py beside it
+        (models from code: nothing is unpickled when loading); artifacts `onnx_model` (the graph with
+        its KV cache), `tokenizer` and `generator_card`.
+
+        Returns:
+            The logged model's URI.
+        """
+        from tasks.serve import batching
+        from tasks.serve import generation as generation_module
+
+        code = Path(generation_module.__file__)
+        card = generation_module.GeneratorCard.read(card_path)
+        with self._mlflow.start_run(run_id=run_id, nested=True):
+            info = self._mlflow.pyfunc.log_model(
+                name=logged_model_name(name), python_model=str(code.with_name("generation_pyfunc.py")),
+                code_paths=[str(code), batching.__file__],
+                artifacts={"onnx_model": str(model_path), "tokenizer": str(tokenizer_dir),
+                           "generator_card": str(card_path)},
+                # The params in the example declare `max_new_tokens` in the signature (else MLflow drops it
+                # from requests); its value becomes the default, so it is the card's.
+                input_example=(GENERATION_EXAMPLE, {"max_new_tokens": card.max_new_tokens}),
+                pip_requirements=SERVING_REQUIREMENTS,
+            )
         return info.model_uri
 
     @contextmanager

@@ -1,0 +1,247 @@
+"""The decoder path of the requantize flow: the same card for a causal language model, judged on
+held-out text and generation instead of labels.
+
+text_data -> (already decided?) -> reference -> build -> score -> time -> select -> record -> promote
+
+It shares the run's state, its parent MLflow run, lock, content-addressed builds and registry
+moves with the classifier path (flows/steps.py); what differs is the data (documents, not labelled
+rows), the gate (perplexity, token agreement, KL and greedy answers against FP32), the speed (time
+to first token and decode tokens/s) and the price (per request and per million generated tokens).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from tasks.data.text import read_documents
+
+from flows import record
+from flows.run_state import RunState, RunSummary
+from flows.steps import _build_all, _fetch_production
+from tasks import track
+from tasks.build.decoder_reference import prepare_decoder_reference
+from tasks.core.errors import DataError
+from tasks.core.locking import exclusive
+from tasks.decide.decision import production_candidate
+from tasks.decide.decoder_report import decoder_markdown, render_decoder_table
+from tasks.decide.decoder_selection import select_decoder
+from tasks.evaluate.decoders import price_decoders, score_decoders, time_decoders
+from tasks.recipes.base import runtime_versions
+
+log = logging.getLogger("requant")
+
+score_all = task(score_decoders, name="evaluate-decoders", cache_policy=NO_CACHE)
+time_all = task(time_decoders, name="timing-decoders", cache_policy=NO_CACHE)
+
+
+def requantize_decoder(run: RunState) -> RunSummary:
+    """Requantize a causal language model: the decoder path's steps, in the card's order."""
+    text_data(run)
+    if earlier := already_decided(run):
+        return earlier
+    reference(run)
+    build(run)
+    score(run)
+    timing(run)
+    select(run)
+    record_decision(run)
+    promote(run)
+    return run.summary()
+
+
+def text_data(run: RunState) -> None:
+    """Held-out text (hash-checked), the decision key and the run's lock."""
+    settings, source = run.settings, run.source
+    text = settings.text_data
+    if text is None:
+        raise DataError(f"{source.folder} is a causal language model, but params.yaml gives no `text_data` (held-out "
+                        "text to judge it on): add a text_data section (see params-lm.yaml), or point "
+                        "model.source_uri at a classifier")
+    with run.clock.phase("data"):
+        run.evaluation = read_documents(text.evaluation_txt, text.evaluation_sha256)
+        run.calibration = read_documents(text.calibration_txt, text.calibration_sha256)
+        run.text_hashes = {"evaluation": _sha(text.evaluation_txt), "calibration": _sha(text.calibration_txt)}
+    run.key = decoder_key(source.digest, run.text_hashes, settings, run.host, run.profile.name)
+    run.tracker.set_tags(run.parent_id, {
+        "mlflow.runName": f"requantize-{source.name or Path(source.uri).name}-v{source.version or 'local'}",
+        track.TAG_SOURCE_URI: source.uri, track.TAG_SOURCE_VERSION: str(source.version or ""),
+        track.TAG_SOURCE_DIGEST: source.digest, track.TAG_DATA_VERSION: run.text_hashes["evaluation"][:16],
+        "requant.task": "text-generation",
+    })
+    with run.clock.phase("setup"):
+        run.held.enter_context(exclusive(run.project / ".requant", f"requantize-{source.name or source.digest[:16]}",
+                                         timeout_s=settings.operations.lock_timeout_minutes * 60))
+    run.tracker.log_params(run.parent_id, {
+        "source_uri": source.uri, "task": "text-generation", "hardware_profile": run.profile.name,
+        "usd_per_hour": run.profile.usd_per_hour, **record.flat("lm_bar", settings.lm_quality_bar.model_dump()),
+        **record.flat("traffic", settings.cost.traffic.model_dump()),
+        **record.flat("text_data", {k: v for k, v in text.model_dump(mode="json").items() if k != "source_urls"}),
+        **record.flat("generation", {k: v for k, v in settings.generation.model_dump().items() if k != "prompts"}),
+        "candidates": ",".join(c.name for c in settings.quantize.candidates),
+    })
+
+
+def already_decided(run: RunState) -> RunSummary | None:
+    """The earlier run's summary if this (model, text, params, host) was decided before (and not --force)."""
+    from flows.steps import already_decided as classifier_already_decided
+
+    return classifier_already_decided(run)
+
+
+def reference(run: RunState) -> None:
+    """FP32 exported with its KV cache and checked against PyTorch; the windows, prompts and FP32's greedy answers."""
+    settings = run.settings
+    text, generation = settings.text_data, settings.generation
+    run.family.check_context(text.context_length)
+    if generation.use_chat_template:
+        run.family.check_chat_template()
+    with run.clock.phase("evaluate"):
+        run.decoder_reference = prepare_decoder_reference(
+            run.family, run.evaluation[: text.documents * 4], run.calibration[: text.calibration_documents * 4],
+            run.work_dir / "sources" / run.source.digest[:16], text, generation, settings.model.onnx_opset,
+            settings.evaluate.intra_op_threads)
+        run.decoder_reference.evaluation = run.decoder_reference.evaluation[: text.documents]
+        run.tracker.log_dict(run.parent_id, run.decoder_reference.export_check, "fp32_export_check.json")
+
+
+def build(run: RunState) -> None:
+    """Every configured recipe run on the decoder graph, built in parallel and proven."""
+    with run.clock.phase("quantize"):
+        run.built = _build_all(run.settings, run.decoder_reference, run.source.digest, run.work_dir)
+
+
+def score(run: RunState) -> None:
+    """Production fetched as served; every candidate judged against FP32 on the same windows and prompts."""
+    settings = run.settings
+    with run.clock.phase("evaluate"):
+        run.production, run.production_broken = _fetch_production(run.tracker, run.parent_id, run.work_dir)
+        if run.production is not None:
+            run.built.append(production_candidate(run.production))
+        run.decoders = score_all(run.built, run.decoder_reference, settings.lm_quality_bar,
+                                 settings.generation.max_new_tokens, settings.evaluate.intra_op_threads,
+                                 settings.quality_bar.confidence, settings.quality_bar.bootstrap_samples)
+
+
+def timing(run: RunState) -> None:
+    """Passing candidates, FP32 and production timed in interleaved rounds, then priced."""
+    settings = run.settings
+    with run.clock.phase("evaluate"):
+        time_all(run.decoders, run.decoder_reference, settings.generation, settings.evaluate.intra_op_threads)
+        price_decoders(run.decoders, run.profile, settings.cost.traffic)
+
+
+def select(run: RunState) -> None:
+    """The cheapest candidate that passes the generation gate, speeds compared beyond their noise."""
+    with run.clock.phase("select"):
+        run.decoder_decision = select_decoder(run.decoders, run.settings.cost.traffic.output_tokens_per_request,
+                                              run.settings.quality_bar.speed_noise_margin)
+        decision = run.decoder_decision
+        run.outcome = ("promoted" if decision.promote else "kept-production" if decision.winner
+                       else "no-candidate-passed")
+        if run.production_broken and not decision.promote:
+            from tasks.core.errors import RequantError
+
+            raise RequantError(f"{run.production_broken}, and no candidate replaces it ({decision.summary}): move "
+                               "the production alias to a version that loads (requant rollback --to VERSION)")
+
+
+def record_decision(run: RunState) -> None:
+    """Candidate runs with their metrics and served models, decision.json, the report, the registered winner."""
+    settings, tracker, parent_id, decision = run.settings, run.tracker, run.parent_id, run.decoder_decision
+    reference = run.decoder_reference
+    with run.clock.phase("track"):
+        uris = {}
+        for c in run.decoders:
+            b = c.built
+            run_id = tracker.candidate_run(parent_id, b.name, {
+                track.TAG_RECIPE: b.recipe, track.TAG_CANDIDATE: b.name, track.TAG_CONFIG_HASH: b.config_hash,
+                "requant.precision": b.precision, "requant.parent_key": run.key,
+                "requant.verdict": "winner" if b.name == decision.winner else "pass" if c.passed else "fail",
+                "requant.reason": decision.reasons.get(b.name, c.reason)[:5000],
+                "requant.is_production": str(b.is_production).lower(),
+                **({track.TAG_FAILURE: c.error} if c.error else {}),
+            }, start_time_ms=b.started_at_ms or None)
+            tracker.log_params(run_id, {"precision": b.precision, "recipe": b.recipe, **record.flat("recipe", b.config)})
+            tracker.log_metrics(run_id, {**c.metrics(), "is_winner": float(b.name == decision.winner)})
+            if c.passed and b.model_path and not b.is_production:
+                uris[b.name] = tracker.log_generation_model(run_id, b.model_path, reference.tokenizer_dir,
+                                                            reference.card_path, b.name)
+            tracker.finish(run_id, failed=bool(c.error))
+        run.model_uris = uris
+        if decision.promote:
+            winner = next(c for c in run.decoders if c.name == decision.winner)
+            run.promoted_version = tracker.register_winner(uris[winner.name], _version_tags(run, winner),
+                                                           run.project / ".requant",
+                                                           broken={run.production_broken.version}
+                                                           if run.production_broken else set())
+        alias = settings.registry.promotion_alias()
+        run.table = render_decoder_table(run.decoders, decision)
+        run.report = "\n\n".join([run.table, f"decision: {decision.summary}"] +
+                                 [f"  {name}: {why}" for name, why in decision.reasons.items()])
+        run.decided = {**decision.as_dict(), "task": "text-generation", "outcome": run.outcome,
+                       "promoted_version": run.promoted_version, "promoted_alias": alias if run.promoted_version else None,
+                       "decision_key": run.key, "serving_model": settings.registry.serving_model_name,
+                       "hardware_profile": run.profile.name, "host": run.host, "text": run.text_hashes,
+                       "fp32_export_check": reference.export_check,
+                       "documents": len(reference.evaluation), "prompts": len(reference.prompt_ids),
+                       "production_broken": str(run.production_broken) if run.production_broken else None,
+                       "candidates": {c.name: c.record() for c in run.decoders}}
+        tracker.log_dict(parent_id, run.decided, track.DECISION_FILE)
+        tracker.client.log_text(parent_id, run.report, "report.txt")
+        tracker.describe_run(parent_id, decoder_markdown(run.decoders, decision, run.outcome, run.promoted_version,
+                                                         settings.registry.serving_model_name))
+        tracker.set_tags(parent_id, {track.TAG_KEY: run.key, track.TAG_OUTCOME: run.outcome,
+                                     "requant.winner": decision.winner or "",
+                                     **({track.TAG_PROMOTED_VERSION: run.promoted_version,
+                                         track.TAG_PROMOTED_ALIAS: alias,
+                                         track.TAG_PROMOTION: "pending"} if run.promoted_version else {})})
+
+
+def promote(run: RunState) -> None:
+    """Move the alias to the registered winner (the decision is on record first)."""
+    settings, tracker = run.settings, run.tracker
+    if run.promoted_version:
+        alias = settings.registry.promotion_alias()
+        with run.clock.phase("select"):
+            tracker.move_alias(run.promoted_version, run.project / ".requant", alias=alias)
+            tracker.set_tags(run.parent_id, {track.TAG_PROMOTION: "done"})
+            log.info("alias %s@%s -> version %s", settings.registry.serving_model_name, alias, run.promoted_version)
+    tracker.log_metrics(run.parent_id, {f"phase_{k}_seconds": v for k, v in run.clock.seconds.items()})
+
+
+def decoder_key(source_digest: str, text_hashes: dict[str, str], settings, host: dict[str, str], profile: str) -> str:
+    """Identity of a decoder decision: same model, text, knobs, host and runtimes -> same key."""
+    knobs = {name: getattr(settings, name).model_dump(mode="json")
+             for name in ("quantize", "text_data", "generation", "lm_quality_bar", "cost")}
+    knobs["noise_margin"] = settings.quality_bar.speed_noise_margin
+    knobs["serving_model"] = settings.registry.serving_model_name
+    where = {"cpu_model": host.get("cpu_model"), "cpu_flags": host.get("cpu_flags"), "cpu_count": host.get("cpu_count"),
+             "profile": profile, "runtime": runtime_versions()}
+    payload = json.dumps({"source": source_digest, "text": text_hashes, "knobs": knobs, "where": where}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def _sha(path: Path) -> str:
+    from tasks.core.hashing import sha256_of
+
+    return sha256_of(path)
+
+
+def _version_tags(run: RunState, winner) -> dict[str, str]:
+    b = winner.built
+    return {track.TAG_MODEL_SHA256: b.model_sha256, track.TAG_PARENT_RUN: run.parent_id, "requant.precision": b.precision,
+            track.TAG_KEY: run.key, track.TAG_SOURCE_URI: run.source.uri,
+            track.TAG_SOURCE_VERSION: str(run.source.version or ""), track.TAG_SOURCE_DIGEST: run.source.digest,
+            track.TAG_RECIPE: b.recipe, track.TAG_CANDIDATE: b.name, track.TAG_CONFIG_HASH: b.config_hash,
+            track.TAG_DATA_VERSION: run.text_hashes["evaluation"][:16], "requant.task": "text-generation",
+            "requant.token_agreement": f"{winner.quality.token_agreement:.6f}",
+            "requant.perplexity": f"{winner.quality.candidate_perplexity:.6f}",
+            track.TAG_MONTHLY_COST: f"{winner.cost.monthly_cost_usd:.2f}",
+            "requant.usd_per_million_tokens": f"{winner.usd_per_million_tokens:.4f}"}
+
+

@@ -1,0 +1,145 @@
+"""A decoder language model through the real flow: a tiny random Llama exported with its KV cache,
+quantized at each recipe, gated on perplexity and agreement with FP32, timed, priced per token,
+promoted, and served as a text-generation model by `mlflow models serve`.
+
+Real parts: Prefect's temporary server, MLflow on sqlite, Optimum's export, ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.lm_helpers import SENTENCES, tiny_llama_folder
+from tests.servers import HOST, background, free_port, wait_until_answering
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[1]
+
+
+def wikitext_like(path: Path, articles: int, seed: int) -> Path:
+    """Articles in WikiText-2's layout (` = Title = ` headings, ` = = Section = = ` inside), from the tiny vocabulary."""
+    import random
+
+    rng = random.Random(seed)
+    lines = [""]
+    for a in range(articles):
+        lines += [f" = Article {a} = ", ""]
+        for s in range(2):
+            lines += [f" = = Part {s} = = ", ""]
+            lines += [" " + " , ".join(rng.choice(SENTENCES) for _ in range(6)) + " . ", ""]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def decoder_project(root: Path, model: Path, **sections) -> Path:
+    """A project folder with params-lm.yaml's sections, pointed at `model` and small text, on sqlite."""
+    root.mkdir(parents=True, exist_ok=True)
+    params = yaml.safe_load((REPO / "params-lm.yaml").read_text())
+    params["text_data"] = {"calibration_txt": str(wikitext_like(root / "valid.txt", 4, 1)),
+                           "evaluation_txt": str(wikitext_like(root / "test.txt", 8, 2)),
+                           "documents": 6, "calibration_documents": 2, "context_length": 48,
+                           "min_document_tokens": 16}
+    params["model"] = {"source_uri": str(model), "family": "auto", "onnx_opset": 18}
+    params["generation"] = {"prompts": ["where is my refund", "I lost my card", "tell me a short story"],
+                            "max_new_tokens": 6, "prompt_tokens": 24, "concurrency": 2, "timing_rounds": 5}
+    params["quantize"]["max_parallel"] = 2
+    params["quantize"]["candidates"] = [
+        {"name": "fp32", "recipe": "fp32", "config": {}},
+        {"name": "int8-dynamic", "recipe": "int8-dynamic", "config": {"per_channel": True, "graph": "plain"}},
+        {"name": "int4-b32", "recipe": "int4-weight-only",
+         "config": {"block_size": 32, "accuracy_level": 4, "quantize_embeddings": False}},
+        {"name": "int4-b64-fp32acc", "recipe": "int4-weight-only",
+         "config": {"block_size": 64, "accuracy_level": 0, "quantize_embeddings": False}},
+    ]
+    params["cost"]["measured_profile"] = "aws-c6a.large"
+    params["evaluate"] = {"intra_op_threads": 1}
+    # A random model's next-token distributions are nearly flat, so quantization flips many argmaxes:
+    # the bar is loose here; what is tested is the path, and that a strict bar is enforced.
+    params["lm_quality_bar"] = {"max_relative_perplexity_increase": 0.5, "min_token_agreement": 0.0,
+                                "max_mean_kl": 1.0, "min_greedy_agreement": 0.0}
+    params["registry"] = {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "artifact_location": str(root / "mlartifacts"),
+                          "experiment": "requant-lm", "serving_model_name": "tiny-lm-serving"}
+    for name, values in sections.items():
+        params[name] = {**params.get(name, {}), **values}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root / "params.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    return tiny_llama_folder(tmp_path_factory.mktemp("tiny-llama") / "model")
+
+
+@pytest.fixture(scope="module")
+def decided(tmp_path_factory, tiny_llama, prefect_server):
+    from flows.requantize import requantize
+
+    params = decoder_project(tmp_path_factory.mktemp("lm-project"), tiny_llama)
+    return params, requantize(params_path=str(params))
+
+
+def test_a_tiny_llama_is_requantized_gated_on_agreement_and_promoted(decided):
+    params, summary = decided
+    decision = summary.decision
+    assert decision["task"] == "text-generation"
+    candidates = decision["candidates"]
+    assert set(candidates) == {"fp32", "int8-dynamic", "int4-b32", "int4-b64-fp32acc"}
+    fp32 = candidates["fp32"]["metrics"]
+    # FP32 against itself: the same tokens, the same distribution.
+    assert fp32["lm_token_agreement"] == 1.0 and fp32["lm_relative_perplexity_increase"] == pytest.approx(0, abs=1e-9)
+    assert fp32["lm_mean_kl"] == pytest.approx(0, abs=1e-6)
+    for name in ("int8-dynamic", "int4-b32"):
+        metrics = candidates[name]["metrics"]
+        assert 0 < metrics["lm_token_agreement"] <= 1 and metrics["lm_mean_kl"] >= 0
+        assert metrics["size_ratio_vs_fp32"] < 1
+    # Timed and priced per token: time to first token, decode speed at 1 and at the concurrency.
+    for name, c in candidates.items():
+        if c["passed_bar"]:
+            m = c["metrics"]
+            assert m["ttft_ms"] > 0 and m["decode_tokens_per_s_batch1"] > 0 and m["decode_tokens_per_s_concurrent"] > 0
+            assert m["monthly_cost_usd"] > 0 and m["usd_per_million_output_tokens"] > 0
+    assert summary.outcome == "promoted" and summary.winner in candidates
+    assert decision["fp32_export_check"]["next_token_agreement"] == 1.0
+    assert "tok/s @1" in summary.table and summary.winner in summary.table
+
+
+def test_a_strict_bar_fails_the_candidates_that_flip_tokens(tmp_path, tiny_llama, prefect_server):
+    from flows.requantize import requantize
+
+    params = decoder_project(tmp_path, tiny_llama, lm_quality_bar={"min_token_agreement": 0.999},
+                             quantize={"candidates": [
+                                 {"name": "fp32", "recipe": "fp32", "config": {}},
+                                 {"name": "int4-b32", "recipe": "int4-weight-only",
+                                  "config": {"block_size": 32, "accuracy_level": 4, "quantize_embeddings": False}}]})
+    summary = requantize(params_path=str(params))
+    int4 = summary.decision["candidates"]["int4-b32"]
+    assert int4["metrics"]["lm_token_agreement"] < 0.999
+    assert not int4["passed_bar"] and "agreement" in int4["reason"]
+    assert summary.winner == "fp32"
+
+
+def test_the_promoted_decoder_generates_under_mlflow_models_serve(decided, tmp_path):
+    params, summary = decided
+    settings = yaml.safe_load(Path(params).read_text())
+    port = free_port()
+    # mlflow execs `uvicorn` by name: the venv's bin must be on PATH.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": settings["registry"]["tracking_uri"], "HF_HUB_OFFLINE": "1",
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    mlflow = str(Path(sys.executable).with_name("mlflow"))
+    command = [mlflow, "models", "serve", "-m", "models:/tiny-lm-serving@production", "--env-manager", "local",
+               "-h", HOST, "-p", str(port), "-w", "1"]
+    with background(command, env=env, log_path=tmp_path / "serve.log") as process:
+        wait_until_answering(f"http://{HOST}:{port}/ping", process, tmp_path / "serve.log", timeout_s=180)
+        body = json.dumps({"inputs": ["where is my refund", "I lost my card"], "params": {"max_new_tokens": 4}})
+        request = urllib.request.Request(f"http://{HOST}:{port}/invocations", data=body.encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            predictions = json.loads(answer.read())["predictions"]
+    assert len(predictions) == 2 and all(isinstance(p, str) for p in predictions)
