@@ -18,15 +18,15 @@ from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from tasks.data.text import read_documents
 
 from flows import record
 from flows.run_state import RunState, RunSummary
 from flows.steps import _build_all, _fetch_production
 from tasks import track
 from tasks.build.decoder_reference import prepare_decoder_reference
-from tasks.core.errors import DataError
+from tasks.build.preflight import check_data_for
 from tasks.core.locking import exclusive
+from tasks.data.text import read_documents
 from tasks.decide.decision import production_candidate
 from tasks.decide.decoder_report import decoder_markdown, render_decoder_table
 from tasks.decide.decoder_selection import select_decoder
@@ -57,11 +57,8 @@ def requantize_decoder(run: RunState) -> RunSummary:
 def text_data(run: RunState) -> None:
     """Held-out text (hash-checked), the decision key and the run's lock."""
     settings, source = run.settings, run.source
+    check_data_for(run.family, settings)  # a scheduled run never passed the CLI's preflight
     text = settings.text_data
-    if text is None:
-        raise DataError(f"{source.folder} is a causal language model, but params.yaml gives no `text_data` (held-out "
-                        "text to judge it on): add a text_data section (see params-lm.yaml), or point "
-                        "model.source_uri at a classifier")
     with run.clock.phase("data"):
         run.evaluation = read_documents(text.evaluation_txt, text.evaluation_sha256)
         run.calibration = read_documents(text.calibration_txt, text.calibration_sha256)

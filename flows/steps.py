@@ -29,11 +29,12 @@ from flows import record
 from flows.run_state import PhaseClock, RunState, RunSummary
 from tasks import track
 from tasks.build.candidates import BuiltCandidate, build_candidate
+from tasks.build.preflight import check_data_for
 from tasks.build.reference import Reference, prepare_reference
 from tasks.config.loading import load_settings
 from tasks.config.search_space import expand_all
 from tasks.config.settings import CandidateSpec, Settings
-from tasks.core.errors import DataError, RequantError
+from tasks.core.errors import RequantError
 from tasks.core.locking import exclusive
 from tasks.data import validate as validation
 from tasks.data import version as data_version
@@ -162,10 +163,7 @@ def source_model(run: RunState) -> None:
 def data(run: RunState) -> None:
     """The DVC data stage of the params file actually given, read back; the decision key; the run's lock."""
     settings, source = run.settings, run.source
-    if settings.data is None:
-        raise DataError(f"{source.folder} is a classifier, but params.yaml gives no labelled `data` (only `text_data`, "
-                        "held-out text for a language model): add a data section, or point model.source_uri at a "
-                        "causal language model")
+    check_data_for(run.family, settings)  # a scheduled run never passed the CLI's preflight
     with run.clock.phase("data"):
         run.data = prepare_data(run.project, settings.data.output_dir, run.params_path)
         run.calibration = pd.read_csv(run.data.calibration_path, dtype=str, keep_default_na=False)

@@ -143,3 +143,69 @@ def test_the_promoted_decoder_generates_under_mlflow_models_serve(decided, tmp_p
         with urllib.request.urlopen(request, timeout=60) as answer:
             predictions = json.loads(answer.read())["predictions"]
     assert len(predictions) == 2 and all(isinstance(p, str) for p in predictions)
+
+
+# ------------------------------------------------------------------ bad input: one line, exit 2, nothing moved
+def _without_chat_template(folder: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(folder, dst)
+    config = json.loads((dst / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (dst / "tokenizer_config.json").write_text(json.dumps(config))
+    (dst / "chat_template.jinja").unlink(missing_ok=True)
+    return dst
+
+
+def _with_remote_code(folder: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(folder, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def _empty_text(root: Path) -> dict:
+    (root / "empty.txt").write_text("\n\n")
+    return {"text_data": {"evaluation_txt": str(root / "empty.txt")}}
+
+
+BAD_DECODER_INPUTS = {
+    "classifier data for a language model": (None, lambda root: {"text_data": None, "data": {
+        "train_csv": str(root / "train.csv"), "test_csv": str(root / "test.csv")}}, ["text_data"]),
+    "no chat template where one is required": (_without_chat_template, lambda root: {}, ["chat template"]),
+    "a context over the model's": (None, lambda root: {"text_data": {"context_length": 4096}}, ["context_length", "256"]),
+    "empty evaluation text": (None, _empty_text, ["empty.txt"]),
+    "weights that need remote code": (_with_remote_code, lambda root: {}, ["trust_remote_code"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DECODER_INPUTS))
+def test_bad_decoder_input_is_one_line_exit_2_and_moves_nothing(case, tmp_path, tiny_llama):
+    from tests.cli_helpers import assert_one_clear_error, requant
+
+    prepare_model, sections, fragments = BAD_DECODER_INPUTS[case]
+    model = prepare_model(tiny_llama, tmp_path / "model") if prepare_model else tiny_llama
+    params_path = decoder_project(tmp_path / "project", model)
+    params = yaml.safe_load(params_path.read_text())
+    for name, values in sections(tmp_path / "project").items():
+        params[name] = None if values is None else {**(params.get(name) or {}), **values}
+    if params.get("text_data") is None:
+        params.pop("text_data")
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    done, errors = requant("run", "--params", str(params_path), timeout=600)
+    assert_one_clear_error(done, errors, *fragments)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(params["registry"]["tracking_uri"])
+    assert not client.search_registered_models(), "nothing is registered by a refused run"
+
+
+def test_a_classifier_given_only_text_data_is_refused(tmp_path, tiny_model_folder):
+    from tests.cli_helpers import assert_one_clear_error, requant
+
+    params_path = decoder_project(tmp_path / "project", tiny_model_folder)
+    done, errors = requant("run", "--params", str(params_path), timeout=600)
+    assert_one_clear_error(done, errors, "classifier", "data")

@@ -33,13 +33,34 @@ def check_run_inputs(settings: Settings, model_uri: str | None) -> None:
     registered = parse_model_uri(uri) is not None
     if not registered:
         # A local model folder of any family: missing, pickles, remote code, wrong head, no tokenizer.
-        open_model(Path(uri).expanduser().resolve(), settings.model.family, settings.model.max_length,
-                   settings.model.allow_pickle_weights)
+        model = open_model(Path(uri).expanduser().resolve(), settings.model.family, settings.model.max_length,
+                           settings.model.allow_pickle_weights)
+        check_data_for(model, settings)
     settings.cost.host_profile(cpu_info()["cpu_model"])
-    for path in (settings.data.train_csv, settings.data.test_csv):
+    files = ((settings.data.train_csv, settings.data.test_csv) if settings.data is not None else ()) + (
+        (settings.text_data.calibration_txt, settings.text_data.evaluation_txt) if settings.text_data is not None else ())
+    for path in files:
         require_file(path)
     # The tracking store answers (a server is probed once, with bounded retries) and knows the
     # model version. The flow runs in this process, so MLflow is imported once either way.
     tracker = Tracker(settings.registry)
     if registered:
         tracker.resolve_version(uri)
+
+
+def check_data_for(model, settings: Settings) -> None:
+    """Refuse a model given the other kind of data: a decoder needs `text_data`, a classifier `data`.
+
+    Raises:
+        DataError: the params file has no data of the kind the model is judged on.
+    """
+    from tasks.core.errors import DataError
+
+    if model.task == "text-generation" and settings.text_data is None:
+        raise DataError(f"{model.folder} is a causal language model, but params.yaml gives no `text_data` (held-out "
+                        "text to judge it on), only labelled `data`: add a text_data section (see params-lm.yaml), "
+                        "or point model.source_uri at a classifier")
+    if model.task != "text-generation" and settings.data is None:
+        raise DataError(f"{model.folder} is a classifier, but params.yaml gives no labelled `data` (only `text_data`, "
+                        "held-out text for a language model): add a data section, or point model.source_uri at a "
+                        "causal language model")

@@ -184,6 +184,8 @@ def _convert(gguf_path: Path, sha256: str, out: Path, origin: str | None) -> Non
     model.save_pretrained(out, safe_serialization=True)
     # The chat template goes into tokenizer_config.json (not a separate .jinja), where every reader finds it.
     tokenizer.save_pretrained(out, save_jinja_files=False)
+    for path in out.iterdir():
+        path.chmod(0o644)  # safetensors leaves its file 0600: a server running as another user could not read it
     saved_config = json.loads((out / "tokenizer_config.json").read_text())
     chat_template = bool(saved_config.get("chat_template"))
     if bool(fields.get("tokenizer.chat_template")) and not chat_template:
