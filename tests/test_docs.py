@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -47,6 +48,9 @@ def _settings_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
         if typing.get_origin(annotation) is list:
             (annotation,) = typing.get_args(annotation)
             suffix = "[]"
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # an optional section
+            members = [a for a in typing.get_args(annotation) if a is not type(None)]
+            annotation = members[0] if len(members) == 1 else annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             if prefix:  # a nested section is itself a key of its parent section
                 keys.append(key)

@@ -115,11 +115,16 @@ def _anchor(path: str) -> str:
 
 
 def _model_in(annotation: Any) -> type | None:
-    """The settings model a field holds (directly, or as the items of a list), else None."""
+    """The settings model a field holds (directly, optionally, or as the items of a list), else None."""
+    import types
+
     from pydantic import BaseModel
 
     if typing.get_origin(annotation) is list:
         (annotation,) = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # `Section | None`: an optional section
+        models = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation = models[0] if len(models) == 1 else annotation
     if inspect.isclass(annotation) and issubclass(annotation, BaseModel):
         return annotation
     return None
