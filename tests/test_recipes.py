@@ -43,6 +43,7 @@ def reference(tiny_model_folder, tmp_path_factory):
     ("int8-static", {"calibration_method": "entropy", "op_types": ["MatMul", "Gather"]}),
     ("int8-static", {"calibration_method": "minmax", "graph": "optimized", "op_types": ["MatMul", "Gather"]}),
     ("int4-weight-only", {"block_size": 32, "quantize_embeddings": True}),
+    ("int8-weight-only", {"block_size": 32, "quantize_embeddings": True}),
     ("mixed", {"keep_fp32": ["*/intermediate/dense/MatMul"]}),
 ])
 def test_recipe_builds_a_smaller_model_with_quantized_nodes(reference, tmp_path, recipe, config):
@@ -118,7 +119,7 @@ def test_lowered_precision_count_is_zero_for_fp32(reference):
 
 def test_every_recipe_lists_its_config_fields():
     listed = {r["id"]: r for r in describe_recipes()}
-    assert {"fp32", "fp16", "int8-dynamic", "int8-static", "int4-weight-only", "mixed"} <= set(listed)
+    assert {"fp32", "fp16", "int8-dynamic", "int8-static", "int4-weight-only", "int8-weight-only", "mixed"} <= set(listed)
     assert "calibration_method" in listed["int8-static"]["config"]
 
 
@@ -249,3 +250,21 @@ def test_nan_logits_on_evaluation_rows_fail_the_candidate_closed(reference, tmp_
     measured = score_candidate(BuiltCandidate("nan", "fp32", "fp32", {}, "h", model_path=path), reference,
                                EvaluateSettings(), QualityBar())
     assert "logits are NaN/inf" in measured.error
+
+
+def test_weight_only_excluded_nodes_stay_fp32_and_int8_is_between_int4_and_fp32(reference, tmp_path):
+    import onnx
+
+    config = {"block_size": 32, "quantize_embeddings": False}
+    int4 = build_candidate(CandidateSpec(name="i4", recipe="int4-weight-only", config=config), reference, "tiny",
+                           tmp_path / "i4")
+    int8 = build_candidate(CandidateSpec(name="i8", recipe="int8-weight-only", config=config), reference, "tiny",
+                           tmp_path / "i8")
+    assert int4.size_ratio < int8.size_ratio < 1.0
+    graph = onnx.load(str(int8.model_path)).graph
+    bits = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+    assert bits == {8}
+    first = next(n.name for n in onnx.load(str(reference.inputs.fp32_model)).graph.node if n.op_type == "MatMul")
+    kept = build_candidate(CandidateSpec(name="i4k", recipe="int4-weight-only",
+                                         config={**config, "nodes_to_exclude": [first]}), reference, "tiny", tmp_path / "k")
+    assert first in {n.name for n in onnx.load(str(kept.model_path)).graph.node if n.op_type == "MatMul"}

@@ -27,6 +27,8 @@ class Int4Config(GraphChoice):
     is_symmetric: bool = Field(True, description="Symmetric blocks (no zero point).")
     accuracy_level: int = Field(4, ge=0, le=4, description="MatMulNBits compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8.")
     quantize_embeddings: bool = Field(True, description="Also quantize the word-embedding Gather (GatherBlockQuantized).")
+    nodes_to_exclude: list[str] = Field(
+        default_factory=list, description="Exact node names left in FP32 (a decoder's rotary-embedding MatMul, its LM head).")
 
     def model_post_init(self, __context) -> None:
         if self.block_size & (self.block_size - 1):
@@ -39,6 +41,7 @@ class Int4WeightOnly(Recipe):
     id = "int4-weight-only"
     precision = "int4"
     Config = Int4Config
+    bits = 4  # MatMulNBits' weight width (int8-weight-only.py sets 8)
 
     def run(self, inputs: QuantizeInputs, config: Int4Config, out_dir: Path) -> Path:
         import onnx
@@ -51,9 +54,10 @@ class Int4WeightOnly(Recipe):
         axes = (("MatMul", 0), ("Gather", 1)) if config.quantize_embeddings else (("MatMul", 0),)
         algo = DefaultWeightOnlyQuantConfig(
             block_size=config.block_size, is_symmetric=config.is_symmetric, accuracy_level=config.accuracy_level,
-            op_types_to_quantize=op_types, quant_axes=axes,
+            op_types_to_quantize=op_types, quant_axes=axes, bits=self.bits,
         )
-        quantizer = MatMulNBitsQuantizer(onnx.load(str(source_graph(inputs, config))), algo_config=algo)
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(source_graph(inputs, config))), algo_config=algo,
+                                         nodes_to_exclude=config.nodes_to_exclude or None)
         quantizer.process()
         model = quantizer.model.model
         _reduce_axes_to_inputs(model)
