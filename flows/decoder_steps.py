@@ -21,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import record
 from flows.run_state import RunState, RunSummary
-from flows.steps import _build_all, _fetch_production
+from flows.steps import DECISION_MARKDOWN, _build_all, _fetch_production
 from tasks import track
 from tasks.build.decoder_reference import prepare_decoder_reference
 from tasks.build.preflight import check_data_for
@@ -193,8 +193,10 @@ def record_decision(run: RunState) -> None:
                        "candidates": {c.name: c.record() for c in run.decoders}}
         tracker.log_dict(parent_id, run.decided, track.DECISION_FILE)
         tracker.client.log_text(parent_id, run.report, "report.txt")
-        tracker.describe_run(parent_id, decoder_markdown(run.decoders, decision, run.outcome, run.promoted_version,
-                                                         settings.registry.serving_model_name))
+        summary_md = decoder_markdown(run.decoders, decision, run.outcome, run.promoted_version,
+                                      settings.registry.serving_model_name)
+        tracker.describe_run(parent_id, summary_md)
+        tracker.client.log_text(parent_id, summary_md, DECISION_MARKDOWN)  # `requant report` renders it
         tracker.set_tags(parent_id, {track.TAG_KEY: run.key, track.TAG_OUTCOME: run.outcome,
                                      "requant.winner": decision.winner or "",
                                      **({track.TAG_PROMOTED_VERSION: run.promoted_version,

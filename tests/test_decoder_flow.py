@@ -108,6 +108,14 @@ def test_a_tiny_llama_is_requantized_gated_on_agreement_and_promoted(decided):
     assert summary.outcome == "promoted" and summary.winner in candidates
     assert decision["fp32_export_check"]["next_token_agreement"] == 1.0
     assert "tok/s @1" in summary.table and summary.winner in summary.table
+    # The parent run holds the decision as requant report reads it, and the version is tagged with its price.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(yaml.safe_load(Path(params).read_text())["registry"]["tracking_uri"])
+    markdown = Path(client.download_artifacts(summary.parent_run_id, "decision.md")).read_text()
+    assert summary.winner in markdown and "per million generated tokens" in markdown
+    version = client.get_model_version_by_alias("tiny-lm-serving", "production")
+    assert float(version.tags["requant.usd_per_million_tokens"]) > 0 and version.tags["requant.task"] == "text-generation"
 
 
 def test_a_strict_bar_fails_the_candidates_that_flip_tokens(tmp_path, tiny_llama, prefect_server):
