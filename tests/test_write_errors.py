@@ -91,7 +91,7 @@ def test_a_file_size_limit_is_not_called_a_full_disk(project, tmp_path):
     script = ("import os, resource, signal, sys\n"
               "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
               "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))\n"
-              "from tasks.config.settings import load_settings\n"
+              "from tasks.config.loading import load_settings\n"
               "from tasks.core.write_errors import describe_write_failure, run_folders\n"
               "project = sys.argv[1]\n"
               "try:\n"

@@ -367,15 +367,17 @@ class Registry(Connection):
                         broken: set[str] = frozenset()) -> str:
         """Register the winner as a version of the serving model, without moving any alias; return the version.
 
-        A version already registered for the same decision key is reused, never duplicated (a
-        rerun after an interrupted promotion finds it), unless it is one of the `broken` versions
-        (it no longer loads from the registry): then the winner is registered anew.
+        A version already registered for the same decision key and the same graph (sha256) is reused,
+        never duplicated (a rerun after an interrupted promotion finds it), unless it is one of the
+        `broken` versions (it no longer loads from the registry): then the winner is registered anew.
+        A forced rerun of the same decision that picks a different graph registers it as a new version.
         """
         name = self.settings.serving_model_name
         with exclusive(lock_dir, f"promote-{name}"):
             self._ensure_registered_model(name)
             existing = [v for v in self.client.search_model_versions(
-                f"name = '{name}' and tags.`{TAG_KEY}` = '{tags[TAG_KEY]}'") if str(v.version) not in broken]
+                f"name = '{name}' and tags.`{TAG_KEY}` = '{tags[TAG_KEY]}'") if str(v.version) not in broken
+                and v.tags.get(TAG_MODEL_SHA256) == tags.get(TAG_MODEL_SHA256)]
             version = existing[0] if existing else self._mlflow.register_model(model_uri, name, tags=tags)
         return str(version.version)
 
