@@ -290,6 +290,8 @@ class GenerationSettings(_Section):
     prompt_tokens: int = Field(128, ge=1, description="Prompt length for time-to-first-token (prefill) timing.")
     concurrency: int = Field(4, ge=1, description="Sequences decoded together for the batched decode speed.")
     timing_rounds: int = Field(5, ge=2, description="Interleaved timing rounds per candidate.")
+    time_failing: bool = Field(False, description="Also time candidates that fail the gate: their speed is reported "
+                                                  "(what the quality would have bought), never ranked.")
 
 
 class LmQualityBar(_Section):

@@ -146,7 +146,8 @@ def score_decoders(built: list[BuiltCandidate], reference: DecoderReference, bar
             feed = window_feed(fp32, window)
             ref = fp32.run(["logits"], feed)[0][0]
             for name, session in sessions.items():
-                cand = session.run(["logits"], feed)[0][0]
+                # Each graph gets the inputs it declares (onnxruntime-genai's takes no position_ids).
+                cand = session.run(["logits"], window_feed(session, window))[0][0]
                 scored = score_window(ref, cand, np.asarray(window))
                 totals[name] = scored if totals[name] is None else totals[name] + scored
         for name, total in totals.items():
@@ -176,10 +177,12 @@ def _greedy(c: DecoderCandidate, reference: DecoderReference, max_new_tokens: in
 
 def time_decoders(candidates: list[DecoderCandidate], reference: DecoderReference, generation: GenerationSettings,
                   threads: int) -> None:
-    """Time every passing candidate (production and FP32 too) in interleaved rounds, in place."""
+    """Time every passing candidate (production and FP32 too; failing ones with generation.time_failing)
+    in interleaved rounds, in place."""
     from tasks.serve.generation import TextGenerator
 
-    timed = [c for c in candidates if c.error is None and (c.passed or c.built.recipe == "fp32" or c.built.is_production)]
+    timed = [c for c in candidates if c.error is None and (c.passed or c.built.recipe == "fp32" or c.built.is_production
+                                                           or generation.time_failing)]
     generators = {c.name: TextGenerator(c.built.model_path, reference.tokenizer_dir, reference.card_path,
                                         threads=threads) for c in timed}
     try:

@@ -196,9 +196,12 @@ def window_feed(session, input_ids: np.ndarray) -> dict[str, np.ndarray]:
     """The feed that scores whole windows [batch, tokens] in one pass (positions 0.., an empty past)."""
     ids = np.atleast_2d(np.asarray(input_ids, dtype=np.int64))
     batch, length = ids.shape
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids),
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids),
             "position_ids": np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length)).copy(),
             **empty_past(session, batch)}
+    # Some decoder graphs (onnxruntime-genai's) derive positions from the mask and take no position_ids.
+    declared = {node.name for node in session.get_inputs()}
+    return {name: value for name, value in feed.items() if name in declared}
 
 
 def read_source_note(folder: Path) -> dict:
