@@ -156,10 +156,6 @@ class HfCausalLm(ModelFamily):
         _move_onnx(Path(fp32_path), Path(out_path), copy=True)
         return Path(out_path)
 
-    def card(self) -> dict:
-        """What the served model needs besides its graph and tokenizer."""
-        return {"task": self.task, "eos_token_id": self.eos_token_id, "max_positions": self.max_positions,
-                "model_type": self.model_type}
 
 
 def _known_class(name: str) -> bool:
