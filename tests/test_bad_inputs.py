@@ -65,7 +65,7 @@ CASES = [
     # ---- params: refused by load_settings before anything starts
     Case("params-file-missing", ("does-not-exist.yaml", "not found", "--params"), params_file="does-not-exist.yaml"),
     Case("params-not-yaml", ("not valid YAML",), text="data: [unclosed\n"),
-    Case("params-empty-file", ("'data'", "Field required"), text=""),
+    Case("params-empty-file", ("is empty", "'quantize'", "'data'"), text=""),
     Case("params-yaml-list", ("(top level)", "valid dictionary"), text="- data\n- quantize\n"),
     Case("params-unknown-section", ("'extras'", "Extra inputs"), params={"extras": {"x": 1}}),
     Case("params-unknown-key", ("data.calibration_sise",), params={"data.calibration_sise": 10}),

@@ -235,7 +235,6 @@ def test_logged_pyfunc_generates_text_from_the_mlflow_model(tiny_decoder, tmp_pa
 
     served_card = card(use_chat_template=True)
     card_path = served_card.write(tmp_path / "generator.json")
-    previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:
         experiment = mlflow.create_experiment("generation", artifact_location=str(tmp_path / "artifacts"))
@@ -251,7 +250,9 @@ def test_logged_pyfunc_generates_text_from_the_mlflow_model(tiny_decoder, tmp_pa
                 pip_requirements=["onnxruntime", "transformers", "tokenizers", "numpy"])
         served = mlflow.pyfunc.load_model(info.model_uri)
     finally:
-        mlflow.set_tracking_uri(previous)
+        # set_tracking_uri exported MLFLOW_TRACKING_URI (for subprocesses); None unsets both, else every
+        # later test's tracker and `requant` subprocess would use this test's store.
+        mlflow.set_tracking_uri(None)
     direct = TextGenerator(tiny_decoder.onnx, tiny_decoder.folder, card_path)
     try:
         assert served.predict(PROMPTS) == direct.generate(PROMPTS)

@@ -57,9 +57,10 @@ def check_data_for(model, settings: Settings) -> None:
     from tasks.core.errors import DataError
 
     if model.task == "text-generation" and settings.text_data is None:
-        raise DataError(f"{model.folder} is a causal language model, but params.yaml gives no `text_data` (held-out "
-                        "text to judge it on), only labelled `data`: add a text_data section (see params-lm.yaml), "
-                        "or point model.source_uri at a classifier")
+        architecture = ", ".join(getattr(model, "config", {}).get("architectures") or []) or "no architecture named"
+        raise DataError(f"{model.folder} is a causal language model ({architecture}), but params.yaml gives no "
+                        "`text_data` (held-out text to judge it on), only labelled `data`: add a text_data section "
+                        "(see params-lm.yaml), or point model.source_uri at a classifier")
     if model.task != "text-generation" and settings.data is None:
         raise DataError(f"{model.folder} is a classifier, but params.yaml gives no labelled `data` (only `text_data`, "
                         "held-out text for a language model): add a data section, or point model.source_uri at a "

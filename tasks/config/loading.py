@@ -29,6 +29,9 @@ def load_settings(path: str | Path) -> Settings:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise SettingsError(f"{path} is not valid YAML ({str(exc).splitlines()[0]}): fix the syntax") from exc
+    if not raw:
+        raise SettingsError(f"{path} is empty: it needs at least the 'quantize' and 'cost' sections, and 'data' "
+                            "(or 'text_data' for a language model); start from the repository's params.yaml")
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as exc:
