@@ -21,10 +21,17 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import record
 from flows.run_state import RunState, RunSummary
-from flows.steps import DECISION_MARKDOWN, _build_all, _fetch_production
+from flows.steps import (
+    DECISION_MARKDOWN,
+    _build_all,
+    _fetch_production,
+    move_promoted_alias,
+    tag_decided,
+)
 from tasks import track
 from tasks.build.decoder_reference import prepare_decoder_reference
 from tasks.build.preflight import check_data_for
+from tasks.core.hashing import sha256_of
 from tasks.core.locking import exclusive
 from tasks.data.text import read_documents
 from tasks.decide.decision import production_candidate
@@ -63,7 +70,7 @@ def text_data(run: RunState) -> None:
     with run.clock.phase("data"):
         run.evaluation = read_documents(text.evaluation_txt, text.evaluation_sha256)
         run.calibration = read_documents(text.calibration_txt, text.calibration_sha256)
-        run.text_hashes = {"evaluation": _sha(text.evaluation_txt), "calibration": _sha(text.calibration_txt)}
+        run.text_hashes = {"evaluation": sha256_of(text.evaluation_txt), "calibration": sha256_of(text.calibration_txt)}
     run.key = decoder_key(source.digest, run.text_hashes, settings, run.host, run.profile.name)
     run.tracker.set_tags(run.parent_id, {
         "mlflow.runName": f"requantize-{source.name or Path(source.uri).name}-v{source.version or 'local'}",
@@ -197,23 +204,12 @@ def record_decision(run: RunState) -> None:
                                       settings.registry.serving_model_name)
         tracker.describe_run(parent_id, summary_md)
         tracker.client.log_text(parent_id, summary_md, DECISION_MARKDOWN)  # `requant report` renders it
-        tracker.set_tags(parent_id, {track.TAG_KEY: run.key, track.TAG_OUTCOME: run.outcome,
-                                     "requant.winner": decision.winner or "",
-                                     **({track.TAG_PROMOTED_VERSION: run.promoted_version,
-                                         track.TAG_PROMOTED_ALIAS: alias,
-                                         track.TAG_PROMOTION: "pending"} if run.promoted_version else {})})
+        tag_decided(run, decision.winner, alias)
 
 
 def promote(run: RunState) -> None:
     """Move the alias to the registered winner (the decision is on record first)."""
-    settings, tracker = run.settings, run.tracker
-    if run.promoted_version:
-        alias = settings.registry.promotion_alias()
-        with run.clock.phase("select"):
-            tracker.move_alias(run.promoted_version, run.project / ".requant", alias=alias)
-            tracker.set_tags(run.parent_id, {track.TAG_PROMOTION: "done"})
-            log.info("alias %s@%s -> version %s", settings.registry.serving_model_name, alias, run.promoted_version)
-    tracker.log_metrics(run.parent_id, {f"phase_{k}_seconds": v for k, v in run.clock.seconds.items()})
+    move_promoted_alias(run)
 
 
 def decoder_key(source_digest: str, text_hashes: dict[str, str], settings, host: dict[str, str], profile: str) -> str:
@@ -226,12 +222,6 @@ def decoder_key(source_digest: str, text_hashes: dict[str, str], settings, host:
              "profile": profile, "runtime": runtime_versions()}
     payload = json.dumps({"source": source_digest, "text": text_hashes, "knobs": knobs, "where": where}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
-
-
-def _sha(path: Path) -> str:
-    from tasks.core.hashing import sha256_of
-
-    return sha256_of(path)
 
 
 def _version_tags(run: RunState, winner) -> dict[str, str]:

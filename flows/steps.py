@@ -406,15 +406,27 @@ def record_decision(run: RunState) -> None:
         if run.promoted_version:
             tracker.describe_version(run.promoted_version,
                                      record.version_markdown(tracker, run.parent_id, decision, analysis))
-    tracker.set_tags(run.parent_id, {track.TAG_KEY: run.key, track.TAG_OUTCOME: run.outcome,
-                                     "requant.winner": decision.winner or "",
-                                     **({track.TAG_PROMOTED_VERSION: run.promoted_version,
-                                         track.TAG_PROMOTED_ALIAS: alias,
-                                         track.TAG_PROMOTION: "pending"} if run.promoted_version else {})})
+    tag_decided(run, decision.winner, alias)
 
 
 def promote(run: RunState) -> None:
     """Move the alias (production, or challenger) to the registered winner, read it back, describe the model."""
+    move_promoted_alias(run, lambda alias: run.tracker.describe_serving_model(record.serving_model_markdown(
+        run.tracker, run.parent_id, run.source, run.decision, run.promoted_version, run.settings, alias)))
+
+
+def tag_decided(run: RunState, winner: str | None, alias: str) -> None:
+    """The parent run's decision tags (both paths); a promotion is "pending" until the alias has moved."""
+    run.tracker.set_tags(run.parent_id, {track.TAG_KEY: run.key, track.TAG_OUTCOME: run.outcome,
+                                         "requant.winner": winner or "",
+                                         **({track.TAG_PROMOTED_VERSION: run.promoted_version,
+                                             track.TAG_PROMOTED_ALIAS: alias,
+                                             track.TAG_PROMOTION: "pending"} if run.promoted_version else {})})
+
+
+def move_promoted_alias(run: RunState, describe: Callable[[str], None] | None = None) -> None:
+    """Move the alias to the registered winner, if any, and mark the promotion done (then `describe(alias)`);
+    log the run's phase times either way (both paths)."""
     settings, tracker = run.settings, run.tracker
     if run.promoted_version:
         alias = settings.registry.promotion_alias()
@@ -422,9 +434,8 @@ def promote(run: RunState) -> None:
             tracker.move_alias(run.promoted_version, run.project / ".requant", alias=alias)
             tracker.set_tags(run.parent_id, {track.TAG_PROMOTION: "done"})
             log.info("alias %s@%s -> version %s", settings.registry.serving_model_name, alias, run.promoted_version)
-            tracker.describe_serving_model(record.serving_model_markdown(tracker, run.parent_id, run.source,
-                                                                         run.decision, run.promoted_version,
-                                                                         settings, alias))
+            if describe is not None:
+                describe(alias)
     tracker.log_metrics(run.parent_id, {f"phase_{k}_seconds": v for k, v in run.clock.seconds.items()})
 
 

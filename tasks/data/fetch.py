@@ -78,18 +78,27 @@ def ensure_data(data: DataSettings, timeout_s: float = DOWNLOAD_TIMEOUT_S) -> li
         if item.path.is_file():
             results.append(FetchResult(item.split, item.path, None))
             continue
-        results.append(FetchResult(item.split, item.path, _fetch(item, timeout_s)))
+        results.append(FetchResult(item.split, item.path, fetch_file(item, timeout_s)))
     return results
 
 
-def _fetch(item: DataFile, timeout_s: float) -> str:
+def fetch_file(item: DataFile, timeout_s: float, section: str = "data", what: str = "data file") -> str:
+    """Download a missing file from its mirror or sources, keep it only with its pinned sha256; return the URL.
+
+    Args:
+        section: the params.yaml section the file is configured in (`data`, `text_data`), named in errors.
+        what: what the file is, for errors ("data file", "text file").
+
+    Raises:
+        DataError: no source or no pinned hash configured, or no source served the file with its hash.
+    """
     by_hand = (f"put {item.path.name}" + (f" (sha256 {item.sha256})" if item.sha256 else "") +
-               f" in {item.path.parent}, or set data.mirror_url in params.yaml to a folder or URL that holds it")
+               f" in {item.path.parent}, or set {section}.mirror_url in params.yaml to a folder or URL that holds it")
     if not item.urls:
-        raise DataError(f"data file {item.path} not found and no data.mirror_url or data.source_urls.{item.split} "
+        raise DataError(f"{what} {item.path} not found and no {section}.mirror_url or {section}.source_urls.{item.split} "
                         f"is configured: {by_hand}")
     if not item.sha256:
-        raise DataError(f"data file {item.path} not found, and data.{item.split}_sha256 is null, so a download "
+        raise DataError(f"{what} {item.path} not found, and {section}.{item.split}_sha256 is null, so a download "
                         f"could not be checked: pin the hash in params.yaml, or {by_hand}")
     item.path.parent.mkdir(parents=True, exist_ok=True)
     partial = item.path.with_name(f".{item.path.name}.partial")
@@ -106,7 +115,7 @@ def _fetch(item: DataFile, timeout_s: float) -> str:
             return url
         problems.append(f"{url}: sha256 {actual[:12]}..., expected {item.sha256[:12]}... (refused)")
     partial.unlink(missing_ok=True)
-    raise DataError(f"data file {item.path} not found and could not be fetched ({'; '.join(problems)}): {by_hand}")
+    raise DataError(f"{what} {item.path} not found and could not be fetched ({'; '.join(problems)}): {by_hand}")
 
 
 def _download(url: str, dst: Path, timeout_s: float) -> None:

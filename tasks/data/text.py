@@ -11,8 +11,6 @@ No Prefect, MLflow or tokenizer library here: `windows` takes any Hugging Face-l
 
 from __future__ import annotations
 
-import os
-import urllib.error
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,9 +23,8 @@ from tasks.data.fetch import (
     DOWNLOAD_TIMEOUT_S,
     DataFile,
     FetchResult,
-    _download,
     _join,
-    _reason,
+    fetch_file,
 )
 
 # The public source of the two files (unchanged there since 2017) and their pinned hashes.
@@ -177,36 +174,8 @@ def ensure_text_data(text: TextDataSettings, timeout_s: float = DOWNLOAD_TIMEOUT
         if item.path.is_file():
             results.append(FetchResult(item.split, item.path, None))
             continue
-        results.append(FetchResult(item.split, item.path, _fetch_text(item, timeout_s)))
+        results.append(FetchResult(item.split, item.path, fetch_file(item, timeout_s, section="text_data", what="text file")))
     return results
-
-
-def _fetch_text(item: DataFile, timeout_s: float) -> str:
-    # fetch._fetch's messages name the keys of `data`; these name those of `text_data`.
-    by_hand = (f"put {item.path.name}" + (f" (sha256 {item.sha256})" if item.sha256 else "") +
-               f" in {item.path.parent}, or set text_data.mirror_url in params.yaml to a folder or URL that holds it")
-    if not item.urls:
-        raise DataError(f"text file {item.path} not found and no text_data.mirror_url or "
-                        f"text_data.source_urls.{item.split} is configured: {by_hand}")
-    if not item.sha256:
-        raise DataError(f"text file {item.path} not found, and text_data.{item.split}_sha256 is null, so a download "
-                        f"could not be checked: pin the hash in params.yaml, or {by_hand}")
-    item.path.parent.mkdir(parents=True, exist_ok=True)
-    partial = item.path.with_name(f".{item.path.name}.partial")
-    problems = []
-    for url in item.urls:
-        try:
-            _download(url, partial, timeout_s)
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            problems.append(f"{url}: {_reason(exc)}")
-            continue
-        actual = sha256_of(partial)
-        if actual == item.sha256.lower():
-            os.replace(partial, item.path)  # atomic: the file appears whole or not at all
-            return url
-        problems.append(f"{url}: sha256 {actual[:12]}..., expected {item.sha256[:12]}... (refused)")
-    partial.unlink(missing_ok=True)
-    raise DataError(f"text file {item.path} not found and could not be fetched ({'; '.join(problems)}): {by_hand}")
 
 
 def windows(tokenizer, documents: list[Document], context_length: int, windows_per_document: int,
