@@ -20,7 +20,8 @@ from tasks.config.settings import Settings
 from tasks.core.errors import RequantError
 from tasks.data.prepare import LABEL, TEXT
 from tasks.measure import loadtest as load
-from tasks.serve.front import files_of_mlflow_model, served_front
+from tasks.evaluate.served_decoders import SLOWEST_START_RPS, WARMUP_REQUESTS, generation_params
+from tasks.serve.front import served_files_of_mlflow_model, served_front
 from tasks.serve.rollback import current_user
 from tasks.serve.rollout import (
     ShadowResult,
@@ -84,12 +85,20 @@ def loadtest_version(params_path: str, which: str = "production", sample: str | 
     knobs = settings.loadtest.model_copy(update=overrides or {})
     tracker = Tracker(settings.registry)
     version = _version(tracker, which)
-    texts = _sample(settings, sample, None, None, max_rows=5000).texts
-    target_ms = load.slo_ms(knobs, settings.quality_bar)
+    generates = version.tags.get("requant.task") == "text-generation"
+    params = None
+    if generates:  # a decoder: one prompt per request, each the traffic's output tokens exactly
+        texts = _sample(settings, sample, None, None, max_rows=5000).texts if sample else list(settings.generation.prompts)
+        params = generation_params(settings.cost.traffic)
+        knobs = _decoder_knobs(knobs, settings, tracker.version_run_metrics(version), overrides or {})
+        target_ms = knobs.slo_p95_ms or settings.generation.slo_p95_ms
+    else:
+        texts = _sample(settings, sample, None, None, max_rows=5000).texts
+        target_ms = load.slo_ms(knobs, settings.quality_bar)
     with tempfile.TemporaryDirectory(prefix="requant-loadtest-") as work, \
             _served(tracker, settings, knobs, str(version.version), Path(work)) as (url, pid):
-        load.check_answers(url, texts)
-        result = load.run_ramp(url, pid, texts, knobs, target_ms, Path(work) / "load")
+        load.check_answers(url, texts, params)
+        result = load.run_ramp(url, pid, texts, knobs, target_ms, Path(work) / "load", params)
     profile = traffic = None
     if reprice:
         from tasks.measure.timing import cpu_info
@@ -98,6 +107,10 @@ def loadtest_version(params_path: str, which: str = "production", sample: str | 
     comparison = load.compare_with_cost_model(result, tracker.version_run_metrics(version), dict(version.tags),
                                               profile, traffic)
     report = load.render(result, comparison, str(version.version))
+    if generates:
+        tokens = settings.cost.traffic.output_tokens_per_request
+        report += (f"\nserved output tokens/s: {result.capacity_rps * tokens:.1f} at the low end "
+                   f"({tokens} tokens per request, cost.traffic.output_tokens_per_request)")
     # On the candidate run that logged the version, beside the throughput the flow priced it on.
     run_id = version.run_id
     if not run_id:
@@ -127,10 +140,21 @@ def served_version_files(params_path: str, which: str, work: Path):
     tracker = Tracker(settings.registry)
     version = str(_version(tracker, which).version)
     try:
-        return files_of_mlflow_model(tracker.download_version(version, work / "model")), version
+        return served_files_of_mlflow_model(tracker.download_version(version, work / "model")), version
     except BadRequest as exc:
         raise RequantError(f"version {version} cannot be served by requant's front ({exc}): serve it with "
                            "`mlflow models serve`") from exc
+
+
+def _decoder_knobs(knobs, settings: Settings, run_metrics: dict[str, float], overrides: dict):
+    """Load-test settings for a decoder: requests take seconds, so steps are longer, warm-up shorter, and the
+    ramp starts below the rate the decision priced the version on (not at loadtest.start_rps)."""
+    priced = run_metrics.get("priced_requests_per_s")
+    update = {"step_seconds": max(knobs.step_seconds, settings.generation.served_step_seconds),
+              "warmup_requests": min(knobs.warmup_requests, WARMUP_REQUESTS)}
+    if priced:
+        update["start_rps"] = max(SLOWEST_START_RPS, 0.8 * priced)
+    return knobs.model_copy(update={**update, **overrides})
 
 
 def _served(tracker: Tracker, settings, knobs, version: str, work: Path):
@@ -139,7 +163,7 @@ def _served(tracker: Tracker, settings, knobs, version: str, work: Path):
         return load.served_model(f"models:/{settings.registry.serving_model_name}/{version}", tracker.uri,
                                  knobs.server_workers, knobs.server_start_timeout_s)
     try:
-        files = files_of_mlflow_model(tracker.download_version(version, work / "model"))
+        files = served_files_of_mlflow_model(tracker.download_version(version, work / "model"))
     except BadRequest as exc:
         raise RequantError(f"version {version} cannot be served by requant's front ({exc}); "
                            "set loadtest.front: mlflow") from exc
@@ -187,6 +211,10 @@ def rollout(params_path: str, sample: str | None = None, text_column: str | None
     if str(challenger.version) == str(production.version):
         raise RequantError(f"{name}@{registry.challenger_alias} and @{registry.production_alias} are both version "
                            f"{production.version}: there is nothing to roll out")
+    if challenger.tags.get("requant.task") == "text-generation":
+        raise RequantError(f"{name}@{registry.challenger_alias} is a text-generation model: a shadow rollout "
+                           "compares labels, which generated text has none of; set registry.rollout: direct "
+                           "for decoders (the flow's generation gate decides)")
     traffic = _sample(settings, sample, text_column, label_column, settings.rollout.max_rows)
     with tracker.operation_run("rollout", f"rollout-v{production.version}-vs-v{challenger.version}", {
             "requant.production_version": str(production.version),

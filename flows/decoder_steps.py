@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 from prefect import task
@@ -38,6 +39,7 @@ from tasks.decide.decision import production_candidate
 from tasks.decide.decoder_report import decoder_markdown, render_decoder_table
 from tasks.decide.decoder_selection import select_decoder
 from tasks.evaluate.decoders import price_decoders, score_decoders, time_decoders
+from tasks.evaluate.served_decoders import decoder_contenders, serve_and_price_decoders
 from tasks.models.hf_causal_lm import read_source_note
 from tasks.recipes.base import runtime_versions
 
@@ -45,6 +47,7 @@ log = logging.getLogger("requant")
 
 score_all = task(score_decoders, name="evaluate-decoders", cache_policy=NO_CACHE)
 time_all = task(time_decoders, name="timing-decoders", cache_policy=NO_CACHE)
+serve_and_price = task(serve_and_price_decoders, name="served-capacity-decoders", cache_policy=NO_CACHE)
 
 
 def requantize_decoder(run: RunState) -> RunSummary:
@@ -57,6 +60,7 @@ def requantize_decoder(run: RunState) -> RunSummary:
     score(run)
     timing(run)
     select(run)
+    price_served(run)
     record_decision(run)
     promote(run)
     return run.summary()
@@ -109,7 +113,7 @@ def reference(run: RunState) -> None:
         run.decoder_reference = prepare_decoder_reference(
             run.family, run.evaluation[: text.documents * 4], run.calibration[: text.calibration_documents * 4],
             run.work_dir / "sources" / run.source.digest[:16], text, generation, settings.model.onnx_opset,
-            settings.evaluate.intra_op_threads)
+            settings.evaluate.intra_op_threads, settings.cost.traffic.output_tokens_per_request)
         run.decoder_reference.evaluation = run.decoder_reference.evaluation[: text.documents]
         run.tracker.log_dict(run.parent_id, run.decoder_reference.export_check, "fp32_export_check.json")
 
@@ -155,6 +159,25 @@ def select(run: RunState) -> None:
                                "the production alias to a version that loads (requant rollback --to VERSION)")
 
 
+def price_served(run: RunState) -> None:
+    """Served capacity of the winner, production and FP32 (each request the traffic's output tokens), the
+    rest through their served/in-process ratio; a different winner on served prices is served too, once."""
+    settings = run.settings
+    if settings.serving.price_from != "served" or run.decoder_decision.winner is None:
+        return
+    scratch = run.work_dir / "served" / run.parent_id  # the load driver's scratch files
+    with run.clock.phase("serve"):
+        for _ in range(2):
+            to_test = decoder_contenders(run.decoders, run.decoder_decision.winner)
+            if all(c.name in run.served for c in to_test):
+                break
+            serve_and_price(run.decoders, to_test, run.decoder_reference, settings.generation, settings.loadtest,
+                            settings.serving, run.profile, settings.cost.traffic, settings.evaluate.intra_op_threads,
+                            scratch, run.served)
+            select(run)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def record_decision(run: RunState) -> None:
     """Candidate runs with their metrics and served models, decision.json, the report, the registered winner."""
     settings, tracker, parent_id, decision = run.settings, run.tracker, run.parent_id, run.decoder_decision
@@ -197,6 +220,7 @@ def record_decision(run: RunState) -> None:
                        "fp32_export_check": reference.export_check,
                        "documents": len(reference.evaluation), "prompts": len(reference.prompt_ids),
                        "production_broken": str(run.production_broken) if run.production_broken else None,
+                       "served": {name: capacity.as_dict() for name, capacity in run.served.items()},
                        "candidates": {c.name: c.record() for c in run.decoders}}
         tracker.log_dict(parent_id, run.decided, track.DECISION_FILE)
         tracker.client.log_text(parent_id, run.report, "report.txt")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -48,7 +49,9 @@ def decoder_project(root: Path, model: Path, **sections) -> Path:
                            "min_document_tokens": 16}
     params["model"] = {"source_uri": str(model), "family": "auto", "onnx_opset": 18}
     params["generation"] = {"prompts": ["where is my refund", "I lost my card", "tell me a short story"],
-                            "max_new_tokens": 6, "prompt_tokens": 24, "concurrency": 2, "timing_rounds": 5}
+                            "max_new_tokens": 6, "prompt_tokens": 24, "concurrency": 2, "timing_rounds": 5,
+                            # the served measurement, kept short: a few steps of 1.5 s
+                            "slo_p95_ms": 1000, "served_step_seconds": 1.5, "served_max_seconds": 12}
     params["quantize"]["max_parallel"] = 2
     params["quantize"]["candidates"] = [
         {"name": "fp32", "recipe": "fp32", "config": {}},
@@ -59,6 +62,7 @@ def decoder_project(root: Path, model: Path, **sections) -> Path:
          "config": {"block_size": 64, "accuracy_level": 0, "quantize_embeddings": False}},
     ]
     params["cost"]["measured_profile"] = "aws-c6a.large"
+    params["cost"]["traffic"]["output_tokens_per_request"] = 8
     params["evaluate"] = {"intra_op_threads": 1}
     # A random model's next-token distributions are nearly flat, so quantization flips many argmaxes:
     # the bar is loose here; what is tested is the path, and that a strict bar is enforced.
@@ -108,6 +112,24 @@ def test_a_tiny_llama_is_requantized_gated_on_agreement_and_promoted(decided):
     assert summary.outcome == "promoted" and summary.winner in candidates
     assert decision["fp32_export_check"]["next_token_agreement"] == 1.0
     assert "tok/s @1" in summary.table and summary.winner in summary.table
+    # Priced where the bill is paid: the winner and FP32 generated behind the served front under load, each
+    # request the traffic's 8 tokens; every other timed candidate through a served model's ratio.
+    served = decision["served"]
+    assert {summary.winner, "fp32"} <= set(served)
+    traffic = yaml.safe_load(Path(params).read_text())["cost"]["traffic"]
+    for name, capacity in served.items():
+        assert capacity["error"] is None and capacity["capacity_rps"] > 0
+        priced = candidates[name]
+        assert priced["priced_from"]["basis"] == "served"
+        m = priced["metrics"]
+        assert m["priced_requests_per_s"] == pytest.approx(capacity["capacity_rps"])
+        assert m["inprocess_requests_per_s"] > 0 and m["inprocess_monthly_cost_usd"] > 0
+        tokens_per_s = capacity["capacity_rps"] * traffic["output_tokens_per_request"]
+        assert m["usd_per_million_output_tokens"] == pytest.approx(0.0765 / (tokens_per_s * 3600) * 1e6, rel=1e-3)
+    for name, c in candidates.items():
+        if name not in served and "ttft_ms" in c["metrics"]:
+            assert c["priced_from"]["basis"] == "served-ratio" and c["priced_from"]["ratio_from"] in served
+    assert "req/s priced" in summary.table
     # The parent run holds the decision as requant report reads it, and the version is tagged with its price.
     from mlflow import MlflowClient
 
@@ -151,6 +173,50 @@ def test_the_promoted_decoder_generates_under_mlflow_models_serve(decided, tmp_p
         with urllib.request.urlopen(request, timeout=60) as answer:
             predictions = json.loads(answer.read())["predictions"]
     assert len(predictions) == 2 and all(isinstance(p, str) for p in predictions)
+
+
+def test_requant_loadtest_measures_the_promoted_decoders_served_tokens(decided):
+    from mlflow import MlflowClient
+
+    from flows.after_decision import loadtest_version
+
+    params, summary = decided
+    done = loadtest_version(str(params), "production", overrides={"max_seconds": 20})
+    result = done.result
+    # Each request is one prompt generating the traffic's 8 tokens; the ramp found a rate that held the p95 target.
+    assert result.capacity_rps > 0 and result.slo_p95_ms == 1000 and result.limit_found
+    assert result.p95_ms_at_capacity <= 1000
+    assert f"served output tokens/s: {result.capacity_rps * 8:.1f}" in done.report
+    # Compared with the figure the decision priced the version on (its own served measurement).
+    priced = summary.decision["candidates"][summary.winner]["metrics"]["priced_requests_per_s"]
+    assert done.comparison.assumed_sentences_per_s == pytest.approx(priced)
+    client = MlflowClient(yaml.safe_load(Path(params).read_text())["registry"]["tracking_uri"])
+    version = client.get_model_version_by_alias("tiny-lm-serving", "production")
+    assert float(version.tags["requant.loadtest_capacity_rps"]) == pytest.approx(result.capacity_rps, abs=0.01)
+
+
+def test_the_front_serves_a_decoder_version_and_counts_its_tokens(decided, tmp_path):
+    from flows.after_decision import served_version_files
+    from tasks.serve.front import served_front
+
+    params, _ = decided
+    files, version = served_version_files(str(params), "production", tmp_path)
+    assert files.kind == "generator"
+    with served_front(files) as (url, _pid):
+        body = json.dumps({"inputs": ["where is my refund", "I lost my card"],
+                           "params": {"max_new_tokens": 5, "ignore_eos": True}}).encode()
+        request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            predictions = json.loads(answer.read())["predictions"]
+        with urllib.request.urlopen(f"{url}/stats", timeout=10) as answer:
+            stats = json.loads(answer.read())
+        bad = urllib.request.Request(f"{url}/invocations", data=json.dumps({"inputs": ["hi"], "params": {
+            "max_new_tokens": 10_000}}).encode(), headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(bad, timeout=60)
+    assert len(predictions) == 2 and all(isinstance(p, str) for p in predictions)
+    assert stats["prompts"] == 2 and stats["generated_tokens"] == 10
+    assert refused.value.code == 400 and "max_new_tokens is 10000" in json.loads(refused.value.read())["message"]
 
 
 # ------------------------------------------------------------------ bad input: one line, exit 2, nothing moved

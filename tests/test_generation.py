@@ -193,6 +193,20 @@ def test_generate_accepts_a_whole_float_max_new_tokens(make_generator, tokenizer
     assert generator.generate(["hi"], 4.0) == generator.generate(["hi"], 4)
 
 
+def test_ignore_eos_generates_the_whole_budget_past_an_eos(make_generator):
+    # The card's EOS is the token the model answers first, so an ordinary request stops after one token.
+    probe = make_generator()
+    first = probe.generate_ids([probe.encode("hi")], 1, eos_token_id=[])[0][0]
+    generator = make_generator(eos_token_id=first)
+    stopped = generator.submit(["hi"], 6).result(60)
+    whole = generator.submit(["hi"], 6, ignore_eos=True).result(60)
+    assert stopped == [[first]] and len(whole[0]) == 6 and whole[0][0] == first
+    # What the front's /stats reports: prompts answered and the tokens generated for them.
+    assert generator.prompts_answered == 2 and generator.generated_tokens == 7
+    with pytest.raises(BadRequest, match="ignore_eos must be true or false"):
+        generator.generate(["hi"], 6, ignore_eos="yes")
+
+
 def test_card_round_trips_and_refuses_budgets_over_the_context(tmp_path):
     written = card(use_chat_template=True, eos_token_id=[2, 5]).write(tmp_path / "generator.json")
     assert GeneratorCard.read(written) == card(use_chat_template=True, eos_token_id=[2, 5])

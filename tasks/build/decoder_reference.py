@@ -48,9 +48,11 @@ class DecoderReference:
 
 def prepare_decoder_reference(family: HfCausalLm, evaluation: list[Document], calibration: list[Document],
                               work_dir: Path, text: TextDataSettings, generation: GenerationSettings,
-                              opset: int, threads: int) -> DecoderReference:
+                              opset: int, threads: int, output_tokens: int = 0) -> DecoderReference:
     """Export FP32 (reused when already exported here), check it against PyTorch, tokenize the
     evaluation windows and prompts, and generate FP32's greedy answers.
+
+    `output_tokens` (the traffic's tokens per request) is a request the served card must accept.
 
     Raises:
         RecipeError: the exported graph disagrees with PyTorch on next-token predictions.
@@ -77,7 +79,7 @@ def prepare_decoder_reference(family: HfCausalLm, evaluation: list[Document], ca
     proof = [window_feed(session, first), window_feed(session, stress)]
     calibration_feeds = [window_feed(session, w) for doc in calibrating for w in doc.windows]
     check = _check_export(family, session, first)
-    card_path = generator_card(family, generation).write(work_dir / GENERATOR_CARD)
+    card_path = generator_card(family, generation, output_tokens).write(work_dir / GENERATOR_CARD)
     prompt_ids = [_prompt_ids(tokenizer, p, generation.use_chat_template) for p in generation.prompts]
     greedy = _greedy(fp32, family.tokenizer_dir(), card_path, prompt_ids, generation.max_new_tokens, family.eos_token_id)
     timing_prompt = np.resize(np.concatenate([w for doc in scored for w in doc.windows]),
@@ -89,12 +91,13 @@ def prepare_decoder_reference(family: HfCausalLm, evaluation: list[Document], ca
         export_check=check)
 
 
-def generator_card(family: HfCausalLm, generation: GenerationSettings):
-    """The served generator's card: greedy defaults, and limits that keep every request inside the context."""
+def generator_card(family: HfCausalLm, generation: GenerationSettings, output_tokens: int = 0):
+    """The served generator's card: greedy defaults, and limits that keep every request inside the
+    context while taking at least `output_tokens` new tokens (the traffic's, for the served measurement)."""
     from tasks.serve.generation import GenerationLimits, GeneratorCard
 
     context = family.max_positions
-    cap = max(generation.max_new_tokens, min(256, context // 4))
+    cap = max(generation.max_new_tokens, output_tokens, min(256, context // 4))
     return GeneratorCard(max_new_tokens=generation.max_new_tokens, max_prompt_tokens=context - cap,
                          context_length=context, use_chat_template=generation.use_chat_template,
                          eos_token_id=family.eos_token_id, limits=GenerationLimits(max_new_tokens_cap=cap)).check()

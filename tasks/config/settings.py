@@ -292,6 +292,11 @@ class GenerationSettings(_Section):
     timing_rounds: int = Field(5, ge=2, description="Interleaved timing rounds per candidate.")
     time_failing: bool = Field(False, description="Also time candidates that fail the gate: their speed is reported "
                                                   "(what the quality would have bought), never ranked.")
+    slo_p95_ms: float = Field(15000.0, gt=0, description="Served measurement: p95 of a whole request (one prompt in, "
+                                                       "cost.traffic.output_tokens_per_request tokens out) that served "
+                                                       "capacity is measured at.")
+    served_step_seconds: float = Field(10.0, gt=0, description="Served measurement: length of each load step.")
+    served_max_seconds: float = Field(120.0, gt=0, description="Served measurement: load seconds per model at most.")
 
 
 class LmQualityBar(_Section):

@@ -1,9 +1,11 @@
 """Choosing among decoder candidates: the cheapest that passes the generation gate, with speeds
 compared beyond their noise by the same rules as the classifiers (tasks/decide/selection.py).
 
-Speed here is served capacity: requests/s one instance completes at the configured concurrency,
-computed per interleaved timing round from that round's time to first token and decode speed, so
-rounds pair up across candidates. Among passing candidates none is slower beyond the noise than,
+Speed here is capacity: requests/s one instance completes at the configured concurrency, computed
+per interleaved timing round from that round's time to first token and decode speed, so rounds
+pair up across candidates. Once served prices are in (tasks/evaluate/served_decoders.py), each
+candidate's rounds are scaled by its served/in-process ratio, so the ranking is on what serving
+holds while the noise is still the rounds' noise. Among passing candidates none is slower beyond the noise than,
 the one closest to FP32 wins (highest top-1 token agreement), then the smallest; production stays
 unless it fails the gate or is slower beyond the noise.
 """
@@ -42,7 +44,9 @@ def capacity_rounds(c: DecoderCandidate, output_tokens: int) -> list[float]:
 
 
 def _as_candidate(c: DecoderCandidate, output_tokens: int) -> Candidate:
-    rounds = capacity_rounds(c, output_tokens)
+    price = c.served_price
+    scale = price.sentences_per_s / price.batched_sentences_per_s if price and price.batched_sentences_per_s else 1.0
+    rounds = [r * scale for r in capacity_rounds(c, output_tokens)]
     return Candidate(name=c.name, recipe=c.built.recipe, accuracy=c.quality.token_agreement,
                      throughput_per_s=float(np.median(rounds)), throughput_low_per_s=float(np.quantile(rounds, 0.25)),
                      throughput_high_per_s=float(np.quantile(rounds, 0.75)), throughput_rounds=tuple(rounds),

@@ -12,8 +12,10 @@ tokens) at batch 1, and decode tokens/s at batch 1 and at `generation.concurrenc
 
 Price. One instance serving `concurrency` requests at a time finishes a request every
 TTFT + output_tokens / (decode tokens/s per sequence at that concurrency) seconds per slot; that
-capacity (requests/s) prices the traffic in instances (tasks/measure/cost.py), and the dollars per
-million generated tokens follow from the instance's price and its tokens/s.
+in-process capacity (requests/s) prices the traffic in instances (tasks/measure/cost.py), and the
+dollars per million generated tokens follow from the instance's price and its tokens/s. With
+`serving.price_from: served` the flow then replaces it with the served price
+(tasks/evaluate/served_decoders.py) and keeps this one as `inprocess_cost`.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from tasks.measure.lm_quality import (
     score_window,
     summarise,
 )
+from tasks.measure.served_pricing import ServedPrice
 from tasks.models.graph import onnx_session
 from tasks.models.hf_causal_lm import window_feed
 
@@ -85,9 +88,15 @@ class DecoderCandidate:
     passed: bool = False
     reason: str = ""
     speed: DecoderSpeed | None = None
-    cost: CostEstimate | None = None
+    cost: CostEstimate | None = None  # the price ranked on: served where measured (served_price says how)
     usd_per_million_tokens: float | None = None
     error: str | None = None
+    served_price: ServedPrice | None = None  # which figure `cost` comes from, once served prices are in
+    inprocess_cost: CostEstimate | None = None  # the in-process price, kept beside the served one
+
+    def inprocess_capacity_rps(self, traffic: TrafficSettings) -> float:
+        """Requests/s one instance completes in process at the configured concurrency (the slow end of the noise)."""
+        return self.speed.capacity_rps(traffic.output_tokens_per_request)
 
     @property
     def name(self) -> str:
@@ -107,13 +116,27 @@ class DecoderCandidate:
             out.update({"monthly_cost_usd": self.cost.monthly_cost_usd, "instances": self.cost.instances})
         if self.usd_per_million_tokens is not None:
             out["usd_per_million_output_tokens"] = self.usd_per_million_tokens
+        if self.inprocess_cost:
+            out["inprocess_monthly_cost_usd"] = self.inprocess_cost.monthly_cost_usd
+        if self.served_price:
+            out["priced_requests_per_s"] = self.served_price.sentences_per_s
+            out["inprocess_requests_per_s"] = self.served_price.batched_sentences_per_s
+            if self.served_price.ratio is not None:
+                out["served_to_inprocess_ratio"] = self.served_price.ratio
+            if self.served_price.capacity and not self.served_price.capacity.error:
+                out["served_capacity_rps"] = self.served_price.capacity.capacity_rps
+                if self.served_price.capacity.p95_ms is not None:
+                    out["served_p95_ms"] = self.served_price.capacity.p95_ms
         return out
 
     def record(self) -> dict:
         """This candidate in decision.json."""
         return {"recipe": self.built.recipe, "precision": self.built.precision, "config": self.built.config,
                 "config_hash": self.built.config_hash, "is_production": self.built.is_production,
-                "error": self.error, "passed_bar": self.passed, "reason": self.reason, "metrics": self.metrics()}
+                "error": self.error, "passed_bar": self.passed, "reason": self.reason, "metrics": self.metrics(),
+                # Which figure the price comes from: served (its own load test), served-ratio, or in process.
+                "priced_from": (self.served_price.as_dict() if self.served_price
+                                else {"basis": "in-process"} if self.cost else None)}
 
 
 def lm_bar(bar: LmQualityBar) -> LmBar:
@@ -215,11 +238,17 @@ def price_decoders(candidates: list[DecoderCandidate], profile: HardwareProfile,
     for c in candidates:
         if c.speed is None or not c.speed.ttft_ms:
             continue
-        capacity = c.speed.capacity_rps(traffic.output_tokens_per_request)
+        capacity = c.inprocess_capacity_rps(traffic)
         high = c.speed.capacity_rps(traffic.output_tokens_per_request, q=0.75)
         c.cost = monthly_cost(capacity, profile, traffic, high)
-        tokens_per_s = capacity * traffic.output_tokens_per_request
-        c.usd_per_million_tokens = round(profile.usd_per_hour / (tokens_per_s * 3600) * 1e6, 4)
+        c.usd_per_million_tokens = usd_per_million_tokens(capacity, profile, traffic)
+
+
+def usd_per_million_tokens(requests_per_s: float, profile: HardwareProfile, traffic: TrafficSettings) -> float:
+    """Dollars per million generated tokens on one instance that completes `requests_per_s` requests of
+    the traffic's output tokens each."""
+    tokens_per_s = requests_per_s * traffic.output_tokens_per_request
+    return round(profile.usd_per_hour / (tokens_per_s * 3600) * 1e6, 6)
 
 
 def as_dicts(candidates: list[DecoderCandidate]) -> dict[str, dict]:

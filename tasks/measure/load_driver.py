@@ -82,15 +82,19 @@ def server_cpu_seconds(pid: int | None) -> float:
     return total
 
 
-def encode_requests(host: str, port: int, texts: list[str], texts_per_request: int) -> list[bytes]:
+def encode_requests(host: str, port: int, texts: list[str], texts_per_request: int,
+                    params: dict | None = None) -> list[bytes]:
     """Whole `POST /invocations` requests, headers and JSON body, ready to write: `texts_per_request` texts
-    each, cycling through `texts` (as many distinct bodies as the texts fill, at least one)."""
+    each, cycling through `texts` (as many distinct bodies as the texts fill, at least one), with
+    `params` in every body when given (a generator's max_new_tokens and ignore_eos)."""
     if not texts:
         raise ValueError("no texts to send")
     bodies = []
     for i in range(max(1, len(texts) // texts_per_request)):
-        body = json.dumps({"inputs": [texts[(i * texts_per_request + j) % len(texts)]
-                                      for j in range(texts_per_request)]}).encode()
+        content: dict = {"inputs": [texts[(i * texts_per_request + j) % len(texts)] for j in range(texts_per_request)]}
+        if params:
+            content["params"] = params
+        body = json.dumps(content).encode()
         head = (f"POST /invocations HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n").encode("ascii")
         bodies.append(head + body)
@@ -511,7 +515,7 @@ async def search(spec: dict) -> dict:
     """Run the ramp and the refinement the spec describes; return every step and how the search ended."""
     target = urlsplit(spec["url"])
     host, port = target.hostname, target.port or 80
-    requests = encode_requests(host, port, spec["texts"], spec["texts_per_request"])
+    requests = encode_requests(host, port, spec["texts"], spec["texts_per_request"], spec.get("params"))
     pool = ConnectionPool(host, port, spec.get("max_connections") or spec.get("max_users") or 64)
     resolution = spec.get("resolution", DEFAULT_RESOLUTION)
     slo_ms, server_pid = spec["slo_ms"], spec.get("server_pid")

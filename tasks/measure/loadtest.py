@@ -164,13 +164,13 @@ def served_model(model_uri: str, tracking_uri: str, workers: int, start_timeout_
         log_path.unlink(missing_ok=True)
 
 
-def check_answers(url: str, texts: list[str]) -> None:
+def check_answers(url: str, texts: list[str], params: dict | None = None) -> None:
     """One request before the ramp: the server must answer texts with one prediction each.
 
     Raises:
         RequantError: it answers an error or a different number of predictions.
     """
-    body = json.dumps({"inputs": texts[:2]}).encode()
+    body = json.dumps({"inputs": texts[:2], **({"params": params} if params else {})}).encode()
     request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=60) as answer:
@@ -182,11 +182,12 @@ def check_answers(url: str, texts: list[str]) -> None:
 
 
 def run_ramp(url: str, server_pid: int, texts: list[str], settings: LoadtestSettings, target_ms: float,
-             work_dir: Path) -> LoadtestResult:
+             work_dir: Path, params: dict | None = None) -> LoadtestResult:
     """Drive the ramp and its refinement against `url` with the load generator (a bounded child process); summarise it.
 
     `resolution`, `max_connections` and `warmup_requests` come from `settings` where it has them
-    (older settings: max_users stands for max_connections).
+    (older settings: max_users stands for max_connections). `params` go into every request body
+    (a text generator's max_new_tokens and ignore_eos).
 
     Raises:
         RequantError: no texts, or the driver failed or overran its time budget (it is killed).
@@ -201,7 +202,7 @@ def run_ramp(url: str, server_pid: int, texts: list[str], settings: LoadtestSett
             or DEFAULT_MAX_CONNECTIONS,
             "resolution": getattr(settings, "resolution", DEFAULT_RESOLUTION),
             "warmup_requests": getattr(settings, "warmup_requests", DEFAULT_WARMUP_REQUESTS),
-            "max_error_rate": settings.max_error_rate}
+            "max_error_rate": settings.max_error_rate, "params": params}
     work_dir.mkdir(parents=True, exist_ok=True)
     spec_path, out_path, log_path = work_dir / "spec.json", work_dir / "steps.json", work_dir / "driver.log"
     spec_path.write_text(json.dumps(spec))
@@ -253,8 +254,8 @@ def compare_with_cost_model(result: LoadtestResult, run_metrics: dict[str, float
     """Served capacity vs the throughput the flow priced the version on (its run's priced_sentences_per_s:
     the served figure since prices are served prices; else, for versions decided before, its batched
     throughput_low_per_s or throughput_per_s), with the served figure priced when `profile` and `traffic` are given."""
-    assumed = (run_metrics.get("priced_sentences_per_s") or run_metrics.get("throughput_low_per_s")
-               or run_metrics.get("throughput_per_s"))
+    assumed = (run_metrics.get("priced_sentences_per_s") or run_metrics.get("priced_requests_per_s")  # a decoder's
+               or run_metrics.get("throughput_low_per_s") or run_metrics.get("throughput_per_s"))
     assumed_cost = run_metrics.get("monthly_cost_usd")
     if assumed_cost is None and version_tags.get("requant.monthly_cost_usd"):
         assumed_cost = float(version_tags["requant.monthly_cost_usd"])

@@ -98,23 +98,27 @@ class ServedPrice:
 
 
 def measure_capacity(url: str, pid: int, texts: list[str], loadtest: LoadtestSettings, serving: ServingSettings,
-                     target_ms: float, expected_rps: float, work_dir: Path) -> ServedCapacity:
+                     target_ms: float, expected_rps: float, work_dir: Path, params: dict | None = None,
+                     slowest_start_rps: float = 1.0, warmup_requests: int | None = None) -> ServedCapacity:
     """Find the request rate the served model at `url` (server process `pid`) holds at `target_ms` (p95).
 
-    The ramp starts at 0.8 x the expected rate, so it reaches the limit in a few steps of
-    `serving.step_seconds` (from below, or from above by descending), then refines to `loadtest.resolution`.
-    Failures are returned in `error`, not raised: a model that cannot be measured is priced from
-    what else is known, and the record says why.
+    The ramp starts at 0.8 x the expected rate (at least `slowest_start_rps`), so it reaches the
+    limit in a few steps of `serving.step_seconds` (from below, or from above by descending), then
+    refines to `loadtest.resolution`. `params` go into every request (a generator's). Failures are
+    returned in `error`, not raised: a model that cannot be measured is priced from what else is
+    known, and the record says why.
     """
     knobs = loadtest.model_copy(update={"step_seconds": serving.step_seconds, "max_seconds": serving.max_seconds,
-                                        "start_rps": max(1.0, 0.8 * expected_rps), "step_factor": 1.5,
+                                        "start_rps": max(slowest_start_rps, 0.8 * expected_rps), "step_factor": 1.5,
                                         "max_steps": max(loadtest.max_steps, 8),
                                         # bounded by time (serving.max_seconds), not by a request count
-                                        "max_requests": 10**8})
+                                        "max_requests": 10**8,
+                                        "warmup_requests": loadtest.warmup_requests if warmup_requests is None
+                                        else warmup_requests})
     try:
-        result = run_ramp(url, pid, texts, knobs, target_ms, work_dir)
+        result = run_ramp(url, pid, texts, knobs, target_ms, work_dir, params)
     except Exception as exc:  # the generator failed: say why, price from the rest
-        return _unmeasured(loadtest, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        return unmeasured(loadtest, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     return ServedCapacity(
         capacity_rps=result.capacity_rps, capacity_high_rps=result.capacity_high_rps,
         texts_per_request=result.texts_per_request, p95_ms=result.p95_ms_at_capacity, resolved=result.resolved,
@@ -123,7 +127,8 @@ def measure_capacity(url: str, pid: int, texts: list[str], loadtest: LoadtestSet
         error=None if result.capacity_rps > 0 else f"no step held the p95 target ({result.stop_reason})")
 
 
-def _unmeasured(loadtest: LoadtestSettings, why: str) -> ServedCapacity:
+def unmeasured(loadtest: LoadtestSettings, why: str) -> ServedCapacity:
+    """A capacity that could not be measured, and why (never priced on; the record says so)."""
     return ServedCapacity(0.0, None, loadtest.texts_per_request, None, False, None, None, 0, 0.0, error=why[:300])
 
 
@@ -160,7 +165,8 @@ def price_all(batched: dict[str, float], served: dict[str, ServedCapacity], prof
     return priced
 
 
-def _log_capacity(name: str, capacity: ServedCapacity, target_ms: float) -> None:
+def log_capacity(name: str, capacity: ServedCapacity, target_ms: float) -> None:
+    """One log line: what the model held when served, or why it was not measured."""
     if capacity.error:
         log.warning("served capacity of %s not measured: %s", name, capacity.error)
     else:
@@ -191,15 +197,15 @@ def reprice(measured: list, to_test: list, files_of, texts: list[str], loadtest:
     files = {m.built.name: files_of(m) for m in pending}
     for name, why in files.items():
         if isinstance(why, str):
-            served[name] = _unmeasured(loadtest, why)
-            _log_capacity(name, served[name], target_ms)
+            served[name] = unmeasured(loadtest, why)
+            log_capacity(name, served[name], target_ms)
     servable = [m for m in pending if not isinstance(files[m.built.name], str)]
     # Their servers start together (start-up is most of a short measurement), then are loaded one at a time.
     with served_fronts([files[m.built.name] for m in servable], loadtest.server_start_timeout_s) as fronts:
         for m, front in zip(servable, fronts):
             name = m.built.name
             if isinstance(front, Exception):
-                served[name] = _unmeasured(loadtest, str(front))
+                served[name] = unmeasured(loadtest, str(front))
             else:
                 # Expected: its batched rate times the served/batched ratio already measured in this run
                 # (the front's per-request cost is much the same for every graph), else the batched rate.
@@ -209,7 +215,7 @@ def reprice(measured: list, to_test: list, files_of, texts: list[str], loadtest:
                 expected = ratio * m.speed.throughput_low_per_s / loadtest.texts_per_request
                 served[name] = measure_capacity(*front, texts, loadtest, serving, target_ms, expected,
                                                 work_dir / f"served-{len(served)}")
-            _log_capacity(name, served[name], target_ms)
+            log_capacity(name, served[name], target_ms)
     timed = {m.built.name: m for m in measured if m.speed is not None and m.cost is not None and not m.error}
     batched = {name: m.speed.throughput_low_per_s for name, m in timed.items()}
     for name, (price, cost) in price_all(batched, served, profile, traffic).items():

@@ -1,4 +1,5 @@
-"""requant's serving front: the served text classifier behind a lean ASGI app, one process, batching inside.
+"""requant's serving front: a served model (text classifier or text generator) behind a lean ASGI app, one
+process, batching inside.
 
 `mlflow models serve` answers each request in a thread of its own (at most 6 at once on 2 cores:
 asyncio's default pool), parses it with MLflow's generic code and, on this project's hosts, tops
@@ -6,6 +7,11 @@ out below 100 requests/s even for a model that does nothing. This front speaks t
 (`POST /invocations` with `{"inputs": [...]}`, also `instances`, `dataframe_split` and
 `dataframe_records`; `GET /ping`, `/health`, `/version`; and `GET /stats`: batches run so far) for the same served model, but waits on
 the batcher's futures in the event loop, so every request in flight can join the next batch.
+
+A text-generation model is served the same way (`GenerationFront`): `{"inputs": ["prompt", ...],
+"params": {"max_new_tokens": n, "ignore_eos": false}}` in, `{"predictions": ["generated text", ...]}`
+out, and `/stats` also counts the prompts answered and the tokens generated (a load test's tokens
+per request).
 
 Answers: 200 `{"predictions": [{"label", "score"}, ...]}`; 400 for bad input (with a message), 413
 for a body over `serving.max_body_bytes`, 503 when the queue is full (load is shed, not queued
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -34,6 +41,7 @@ from pathlib import Path
 import yaml
 
 from tasks.core.errors import RequantError
+from tasks.serve.generation import BadCard, TextGenerator
 from tasks.serve.serving import BadRequest, QueueFull, TextClassifier, check_texts
 
 HOST = "127.0.0.1"
@@ -42,15 +50,17 @@ JSON = [(b"content-type", b"application/json")]
 
 @dataclass(frozen=True)
 class ServedFiles:
-    """The three files a served text classifier is made of."""
+    """The three files a served model is made of: graph, tokenizer and card (a classifier's or a generator's)."""
 
     onnx_model: Path
     tokenizer: Path
     card: Path
+    kind: str = "classifier"  # or "generator": a decoder with its generator card
 
     def args(self) -> list[str]:
         """As command-line arguments of this module."""
-        return ["--onnx", str(self.onnx_model), "--tokenizer", str(self.tokenizer), "--card", str(self.card)]
+        kind = ["--generator"] if self.kind == "generator" else []
+        return ["--onnx", str(self.onnx_model), "--tokenizer", str(self.tokenizer), "--card", str(self.card), *kind]
 
 
 def files_of_mlflow_model(model_dir: Path) -> ServedFiles:
@@ -82,7 +92,16 @@ def generation_files_of_mlflow_model(model_dir: Path) -> ServedFiles | None:
     if "generator_card" not in artifacts:
         return None
     paths = {name: Path(model_dir) / artifacts[name]["path"] for name in ("onnx_model", "tokenizer", "generator_card")}
-    return ServedFiles(paths["onnx_model"], paths["tokenizer"], paths["generator_card"])
+    return ServedFiles(paths["onnx_model"], paths["tokenizer"], paths["generator_card"], kind="generator")
+
+
+def served_files_of_mlflow_model(model_dir: Path) -> ServedFiles:
+    """The served files of a downloaded requant model, a text generator or a text classifier.
+
+    Raises:
+        BadRequest: the folder is neither (see files_of_mlflow_model).
+    """
+    return generation_files_of_mlflow_model(model_dir) or files_of_mlflow_model(model_dir)
 
 
 def texts_in(body: object) -> object:
@@ -115,8 +134,22 @@ class ServingFront:
     """The ASGI app: routes, body limits, JSON, and the classifier's batcher awaited in the event loop."""
 
     def __init__(self, classifier: TextClassifier, version: str = "requant") -> None:
-        self.classifier, self.version = classifier, version
+        self.model, self.version = classifier, version
         self.max_body_bytes = classifier.limits.max_body_bytes
+
+    def submit(self, body: object) -> concurrent.futures.Future:
+        """Check a parsed request body and queue its texts; the future gives its predictions (BadRequest, QueueFull)."""
+        return self.model.batcher.submit(check_texts(texts_in(body), self.model.limits))
+
+    def predictions(self, answers: list) -> list:
+        """The JSON predictions of a batch's answers to one request."""
+        return answers
+
+    def stats(self) -> dict:
+        """GET /stats: how much merging the load produced so far."""
+        stats = self.model.batcher.stats
+        return {"batches": stats.batches, "texts": stats.items, "largest_batch": stats.largest,
+                "failed_batches": stats.failed_batches, "mean_batch_size": stats.mean_batch_size}
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
@@ -133,10 +166,7 @@ class ServingFront:
         if method == "GET" and path in ("/ping", "/health"):
             await _respond(send, 200, b"\n")
         elif method == "GET" and path == "/stats":  # how much merging the load produced so far
-            stats = self.classifier.batcher.stats
-            await _respond(send, 200, json.dumps({"batches": stats.batches, "texts": stats.items,
-                                                  "largest_batch": stats.largest, "failed_batches": stats.failed_batches,
-                                                  "mean_batch_size": stats.mean_batch_size}).encode())
+            await _respond(send, 200, json.dumps(self.stats()).encode())
         elif method == "GET" and path == "/version":
             await _respond(send, 200, json.dumps(self.version).encode())
         elif path == "/invocations" and method == "POST":
@@ -164,8 +194,7 @@ class ServingFront:
             if not message.get("more_body"):
                 break
         try:
-            texts = check_texts(texts_in(json.loads(b"".join(chunks))), self.classifier.limits)
-            future = self.classifier.batcher.submit(texts)
+            future = self.submit(json.loads(b"".join(chunks)))
         except (ValueError, UnicodeDecodeError) as exc:  # BadRequest and json's errors are ValueErrors
             message = str(exc) if isinstance(exc, BadRequest) else f"the body is not valid JSON ({exc})"
             return 400, _error("INVALID_PARAMETER_VALUE", message)
@@ -175,7 +204,31 @@ class ServingFront:
             answers = await asyncio.wrap_future(future)
         except Exception as exc:  # the model failed on this batch: its callers get the reason
             return 500, _error("INTERNAL_ERROR", f"the model failed on this batch: {type(exc).__name__}: {exc}"[:500])
-        return 200, json.dumps({"predictions": answers}).encode()
+        return 200, json.dumps({"predictions": self.predictions(answers)}).encode()
+
+
+class GenerationFront(ServingFront):
+    """The same app for a text generator: prompts and `params` in, generated texts out."""
+
+    def __init__(self, generator: TextGenerator, version: str = "requant") -> None:
+        self.model, self.version = generator, version
+        limits = generator.limits
+        # Room for the largest request the limits allow, with JSON escapes (at most 6 bytes a character).
+        self.max_body_bytes = limits.max_texts_per_request * limits.max_text_chars * 6 + 4096
+
+    def submit(self, body: object) -> concurrent.futures.Future:
+        params = body.get("params") if isinstance(body, dict) else None
+        if params is not None and not isinstance(params, dict):
+            raise BadRequest('params must be a JSON object such as {"max_new_tokens": 32}')
+        params = params or {}
+        return self.model.submit(texts_in(body), params.get("max_new_tokens"), params.get("ignore_eos", False))
+
+    def predictions(self, answers: list) -> list:
+        return self.model.decode(answers)
+
+    def stats(self) -> dict:
+        return {**super().stats(), "prompts": self.model.prompts_answered,
+                "generated_tokens": self.model.generated_tokens}
 
 
 def _error(code: str, message: str) -> bytes:
@@ -190,10 +243,13 @@ async def _respond(send, status: int, body: bytes) -> None:
 
 
 def serve(files: ServedFiles, host: str, port: int, threads: int = 0) -> None:
-    """Load the classifier and serve it until the process is stopped (uvloop and httptools when installed)."""
+    """Load the model and serve it until the process is stopped (uvloop and httptools when installed)."""
     import uvicorn
 
-    app = ServingFront(TextClassifier(files.onnx_model, files.tokenizer, files.card, threads))
+    if files.kind == "generator":
+        app = GenerationFront(TextGenerator(files.onnx_model, files.tokenizer, files.card, threads))
+    else:
+        app = ServingFront(TextClassifier(files.onnx_model, files.tokenizer, files.card, threads))
     options = {}
     try:
         import uvloop  # noqa: F401 - a faster event loop; optional
@@ -264,21 +320,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--onnx", help="The ONNX graph (with --tokenizer and --card instead of --model-dir).")
     parser.add_argument("--tokenizer")
     parser.add_argument("--card")
+    parser.add_argument("--generator", action="store_true", help="The card is a generator card: serve a text generator.")
     parser.add_argument("--host", default=HOST)
     parser.add_argument("--port", type=int, default=5001)
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core).")
     args = parser.parse_args(argv)
     try:
         if args.model_dir:
-            files = files_of_mlflow_model(Path(args.model_dir))
+            files = served_files_of_mlflow_model(Path(args.model_dir))
         elif args.onnx and args.tokenizer and args.card:
-            files = ServedFiles(Path(args.onnx), Path(args.tokenizer), Path(args.card))
+            files = ServedFiles(Path(args.onnx), Path(args.tokenizer), Path(args.card),
+                                "generator" if args.generator else "classifier")
         else:
             parser.error("pass --model-dir DIR, or --onnx, --tokenizer and --card")
-    except BadRequest as exc:
+        serve(files, args.host, args.port, args.threads)
+    except (BadRequest, BadCard) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    serve(files, args.host, args.port, args.threads)
     return 0
 
 

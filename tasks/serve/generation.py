@@ -27,6 +27,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -306,7 +307,9 @@ class TextGenerator:
         self.layout = KVCacheLayout.of_session(self.session)
         self.output_names = ["logits"] + [f"present.{i}.{kind}" for i in range(self.layout.num_layers)
                                           for kind in ("key", "value")]
-        self.batcher: AdaptiveBatcher[tuple[list[int], int], list[int]] = AdaptiveBatcher(
+        # What the batcher has produced so far (the front's /stats: a load test's tokens per request).
+        self.prompts_answered = self.generated_tokens = 0
+        self.batcher: AdaptiveBatcher[tuple[list[int], int, bool], list[int]] = AdaptiveBatcher(
             self._generate_batch, max_batch_size=self.limits.max_batch_size,
             max_batch_tokens=self.limits.max_batch_tokens, max_wait_ms=self.limits.max_wait_ms,
             max_queue=self.limits.max_queue, tokens_of=lambda item: len(item[0]) + item[1],
@@ -319,7 +322,8 @@ class TextGenerator:
         return self.generate_timed(prompt_ids, max_new_tokens, eos_token_id).ids
 
     def generate_timed(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
-                       eos_token_id: int | Sequence[int] | None = None) -> Generation:
+                       eos_token_id: int | Sequence[int] | None = None,
+                       stop_early: Sequence[bool] | None = None) -> Generation:
         """Greedy decoding with the KV cache for all prompts as one left-padded batch, timed.
 
         Runs on the caller's thread, past the batcher and the request checks (benchmarks call it
@@ -330,6 +334,8 @@ class TextGenerator:
             max_new_tokens: new tokens at most, for all prompts or one per prompt.
             eos_token_id: the id(s) that end a sequence; None: the generator's (card, else tokenizer);
                 [] never stops early (exactly max_new_tokens per prompt, for speed measurements).
+            stop_early: per prompt, whether its EOS ends it (False: exactly its max_new_tokens, a
+                request's `ignore_eos`); None: every prompt stops at EOS.
 
         Returns:
             Per prompt its new ids (the EOS that ended it included), and the batch's timing.
@@ -341,7 +347,8 @@ class TextGenerator:
                    else [int(n) for n in max_new_tokens])
         if len(budgets) != len(prompts) or min(budgets) < 0:
             raise ValueError("max_new_tokens: one count >= 0 for all prompts or one per prompt")
-        stop = set(self.eos_token_ids if eos_token_id is None else _ids_of(eos_token_id))
+        eos = set(self.eos_token_ids if eos_token_id is None else _ids_of(eos_token_id))
+        stops = [eos if stop_early is None or stop_early[row] else set() for row in range(len(prompts))]
         batch, longest = len(prompts), max(len(p) for p in prompts)
         input_ids = np.full((batch, longest), self.pad_token_id, dtype=np.int64)
         mask = np.zeros((batch, longest), dtype=np.int64)
@@ -359,7 +366,7 @@ class TextGenerator:
         cache = self.layout.empty_cache(batch)
         tokens = self._step(input_ids, mask, positions, cache)
         timing.prefill_s = time.perf_counter() - start
-        self._take(tokens, new, done, budgets, stop)
+        self._take(tokens, new, done, budgets, stops)
         while not done.all():
             start = time.perf_counter()
             active = int((~done).sum())
@@ -370,7 +377,7 @@ class TextGenerator:
             tokens = self._step(tokens[:, None], mask, positions, cache)
             timing.decode_steps_s.append(time.perf_counter() - start)
             timing.decode_tokens += active
-            self._take(tokens, new, done, budgets, stop)
+            self._take(tokens, new, done, budgets, stops)
         return Generation(new, timing)
 
     def _step(self, input_ids: np.ndarray, mask: np.ndarray, positions: np.ndarray,
@@ -387,16 +394,22 @@ class TextGenerator:
         return logits[:, -1, :].argmax(axis=-1).astype(np.int64)
 
     @staticmethod
-    def _take(tokens: np.ndarray, new: list[list[int]], done: np.ndarray, budgets: list[int], stop: set[int]) -> None:
+    def _take(tokens: np.ndarray, new: list[list[int]], done: np.ndarray, budgets: list[int],
+              stops: list[set[int]]) -> None:
         for row, token in enumerate(tokens.tolist()):
             if done[row]:
                 continue
             new[row].append(token)
-            done[row] = token in stop or len(new[row]) >= budgets[row]
+            done[row] = token in stops[row] or len(new[row]) >= budgets[row]
 
-    def _generate_batch(self, items: list[tuple[list[int], int]]) -> list[list[int]]:
-        """The batcher's run: the merged callers' prompts as one batch, each with its own budget."""
-        return self.generate_ids([ids for ids, _ in items], [n for _, n in items])
+    def _generate_batch(self, items: list[tuple[list[int], int, bool]]) -> list[list[int]]:
+        """The batcher's run: the merged callers' prompts as one batch, each with its own budget and EOS rule."""
+        answers = self.generate_timed([ids for ids, _, _ in items], [n for _, n, _ in items],
+                                      stop_early=[not ignore for _, _, ignore in items]).ids
+        # One worker thread runs every batch, so these counts need no lock.
+        self.prompts_answered += len(answers)
+        self.generated_tokens += sum(len(ids) for ids in answers)
+        return answers
 
     # ------------------------------------------------------------------ text
     def encode(self, text: str) -> list[int]:
@@ -406,31 +419,47 @@ class TextGenerator:
                                                            add_generation_prompt=True, tokenize=True, return_dict=False))
         return list(self.tokenizer(text)["input_ids"])
 
-    def generate(self, texts: Any, max_new_tokens: Any = None) -> list[str]:
+    def generate(self, texts: Any, max_new_tokens: Any = None, ignore_eos: Any = False) -> list[str]:
         """Check the request, then generate each text's continuation through the batcher.
 
         Args:
             texts: the prompts, a list of non-blank strings.
             max_new_tokens: new tokens at most per prompt; None: the card's max_new_tokens.
+            ignore_eos: generate exactly max_new_tokens, past any EOS (as vLLM's parameter of the same
+                name: load tests use it so every request costs the tokens the traffic says).
 
         Returns:
             Per text the generated text (special tokens skipped), the prompt not included.
 
         Raises:
-            BadRequest: the texts or max_new_tokens are not acceptable, or a prompt has more than
-                max_prompt_tokens tokens.
+            BadRequest: the texts, max_new_tokens or ignore_eos are not acceptable, or a prompt has
+                more than max_prompt_tokens tokens.
             QueueFull: too many prompts are waiting already (shed the request).
+        """
+        return self.decode(self.submit(texts, max_new_tokens, ignore_eos).result())
+
+    def submit(self, texts: Any, max_new_tokens: Any = None, ignore_eos: Any = False) -> Future:
+        """Check the request and queue its prompts; the future gives each prompt's new token ids
+        (`decode` makes them texts). An asyncio front awaits it with `asyncio.wrap_future`.
+
+        Raises:
+            BadRequest, QueueFull: as `generate`.
         """
         texts = check_prompts(texts, self.limits)
         budget = check_max_new_tokens(max_new_tokens, self.card)
+        if not isinstance(ignore_eos, bool):
+            raise BadRequest(f"ignore_eos must be true or false, got {ignore_eos!r}")
         prompts = []
         for i, text in enumerate(texts):
             ids = self.encode(text)
             if len(ids) > self.card.max_prompt_tokens:
                 raise BadRequest(f"inputs[{i}] has {len(ids)} tokens; at most {self.card.max_prompt_tokens} "
                                  "(max_prompt_tokens): shorten it")
-            prompts.append((ids, budget))
-        answers = self.batcher(prompts)
+            prompts.append((ids, budget, ignore_eos))
+        return self.batcher.submit(prompts)
+
+    def decode(self, answers: list[list[int]]) -> list[str]:
+        """Generated token ids as texts (special tokens skipped)."""
         return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in answers]
 
     def close(self) -> None:

@@ -7,9 +7,10 @@ card (`generator_card`), and ships generation.py and batching.py as code (MLflow
 
 `predict` carries type hints, so MLflow takes `{"inputs": ["prompt", ...]}` as a list of strings
 without building a DataFrame per request, and answers one generated text per prompt. `params` may
-carry `max_new_tokens`; MLflow passes params only when the logged signature declares them (log the
-model with `input_example=(["prompt"], {"max_new_tokens": 32})`). Bad input becomes HTTP 400 with a
-message, a full queue HTTP 503 (MLflow's scoring server maps these error codes to those statuses).
+carry `max_new_tokens` and `ignore_eos`; MLflow passes params only when the logged signature
+declares them (log the model with `input_example=(["prompt"], {"max_new_tokens": 32, "ignore_eos": False})`).
+Bad input becomes HTTP 400 with a message, a full queue HTTP 503 (MLflow's scoring server maps
+these error codes to those statuses).
 """
 
 from typing import Any
@@ -37,7 +38,8 @@ class ServedTextGenerator(PythonModel):
 
     def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:
         try:
-            return self.generator.generate(model_input, (params or {}).get("max_new_tokens"))
+            params = params or {}
+            return self.generator.generate(model_input, params.get("max_new_tokens"), params.get("ignore_eos", False))
         except BadRequest as exc:
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
         except QueueFull as exc:

@@ -306,9 +306,9 @@ class RunLog(Connection):
                 code_paths=[str(code), batching.__file__],
                 artifacts={"onnx_model": str(model_path), "tokenizer": str(tokenizer_dir),
                            "generator_card": str(card_path)},
-                # The params in the example declare `max_new_tokens` in the signature (else MLflow drops it
-                # from requests); its value becomes the default, so it is the card's.
-                input_example=(GENERATION_EXAMPLE, {"max_new_tokens": card.max_new_tokens}),
+                # The params in the example declare `max_new_tokens` and `ignore_eos` in the signature (else
+                # MLflow drops them from requests); their values become the defaults, so they are the card's.
+                input_example=(GENERATION_EXAMPLE, {"max_new_tokens": card.max_new_tokens, "ignore_eos": False}),
                 pip_requirements=SERVING_REQUIREMENTS,
             )
         return info.model_uri
