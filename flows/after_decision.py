@@ -19,8 +19,12 @@ from tasks.config.loading import load_settings
 from tasks.config.settings import Settings
 from tasks.core.errors import RequantError
 from tasks.data.prepare import LABEL, TEXT
+from tasks.evaluate.served_decoders import (
+    SLOWEST_START_RPS,
+    WARMUP_REQUESTS,
+    generation_params,
+)
 from tasks.measure import loadtest as load
-from tasks.evaluate.served_decoders import SLOWEST_START_RPS, WARMUP_REQUESTS, generation_params
 from tasks.serve.front import served_files_of_mlflow_model, served_front
 from tasks.serve.rollback import current_user
 from tasks.serve.rollout import (
@@ -98,7 +102,8 @@ def loadtest_version(params_path: str, which: str = "production", sample: str | 
     with tempfile.TemporaryDirectory(prefix="requant-loadtest-") as work, \
             _served(tracker, settings, knobs, str(version.version), Path(work)) as (url, pid):
         load.check_answers(url, texts, params)
-        result = load.run_ramp(url, pid, texts, knobs, target_ms, Path(work) / "load", params)
+        result = load.run_ramp(url, pid, texts, knobs, target_ms, Path(work) / "load", params,
+                               SLOWEST_START_RPS if generates else None)
     profile = traffic = None
     if reprice:
         from tasks.measure.timing import cpu_info

@@ -26,22 +26,33 @@ from flows.steps import (
     DECISION_MARKDOWN,
     _build_all,
     _fetch_production,
+    build_one,
     move_promoted_alias,
     tag_decided,
 )
 from tasks import track
 from tasks.build.decoder_reference import prepare_decoder_reference
 from tasks.build.preflight import check_data_for
+from tasks.config.settings import CandidateSpec
 from tasks.core.hashing import sha256_of
 from tasks.core.locking import exclusive
 from tasks.data.text import read_documents
 from tasks.decide.decision import production_candidate
 from tasks.decide.decoder_report import decoder_markdown, render_decoder_table
 from tasks.decide.decoder_selection import select_decoder
-from tasks.evaluate.decoders import price_decoders, score_decoders, time_decoders
+from tasks.decide.mixed_search import search_kept_fp32
+from tasks.decide.search import Budget
+from tasks.evaluate.decoders import (
+    DecoderCandidate,
+    price_decoders,
+    score_decoders,
+    time_decoders,
+)
 from tasks.evaluate.served_decoders import decoder_contenders, serve_and_price_decoders
+from tasks.measure.lm_sensitivity import rank_decoder_groups
+from tasks.measure.sensitivity import cached_ranking
 from tasks.models.hf_causal_lm import read_source_note
-from tasks.recipes.base import runtime_versions
+from tasks.recipes.base import config_hash, parse_config, runtime_versions
 
 log = logging.getLogger("requant")
 
@@ -58,6 +69,7 @@ def requantize_decoder(run: RunState) -> RunSummary:
     reference(run)
     build(run)
     score(run)
+    search(run)
     timing(run)
     select(run)
     price_served(run)
@@ -134,6 +146,46 @@ def score(run: RunState) -> None:
         run.decoders = score_all(run.built, run.decoder_reference, settings.lm_quality_bar,
                                  settings.generation.max_new_tokens, settings.evaluate.intra_op_threads,
                                  settings.quality_bar.confidence, settings.quality_bar.bootstrap_samples)
+
+
+def search(run: RunState) -> None:
+    """The mixed-precision search, when on: the fewest most-sensitive blocks kept in FP32 with
+    search.decoder_recipe elsewhere that pass the generation gate (blocks ranked only if k = 0 fails)."""
+    settings, reference = run.settings, run.decoder_reference
+    if not settings.search.enabled:
+        return
+    recipe, base = settings.search.decoder_recipe, settings.search.decoder_base_config
+    by_hash = {c.built.config_hash: c for c in run.decoders}
+
+    def measure_spec(spec: CandidateSpec) -> DecoderCandidate:
+        digest = config_hash(spec.recipe, parse_config(spec.recipe, spec.config, spec.name), run.source.digest,
+                             reference.inputs.calibration_digest())
+        if digest not in by_hash:
+            log.info("search trial %s", spec.name)
+            built = build_one(spec, reference, run.source.digest, run.work_dir)
+            by_hash[digest] = score_decoders([built], reference, settings.lm_quality_bar,
+                                             settings.generation.max_new_tokens, settings.evaluate.intra_op_threads,
+                                             settings.quality_bar.confidence, settings.quality_bar.bootstrap_samples)[0]
+        return by_hash[digest]
+
+    def ranking() -> list:
+        identity = [run.source.digest, recipe, base, reference.inputs.calibration_digest(), runtime_versions()]
+        return cached_ranking(run.work_dir / "sensitivity", identity, lambda: rank_decoder_groups(
+            reference.inputs, recipe, base, run.work_dir / "sensitivity" / "scratch", settings.evaluate.intra_op_threads,
+            progress=lambda i, n: log.info("block sensitivity %d/%d", i, n)))
+
+    with run.clock.phase("search"):
+        searched = search_kept_fp32(
+            ranking, base, measure_spec, passes=lambda c: c.passed,
+            budget=Budget(max_trials=settings.search.max_trials, max_seconds=settings.search.max_minutes * 60),
+            recipe=recipe, quality_of=lambda c: c.quality.token_agreement if c.quality else float("nan"),
+            quality_name="token_agreement")
+        log.info("search: %s; best k=%s", searched.record["stop_reason"], searched.record["best_k"])
+        run.search_record = searched.record
+        known = {id(c) for c in run.decoders}
+        run.decoders += [c for c in searched.measured if id(c) not in known]
+        if searched.ranking is not None:
+            record.log_sensitivity(run.tracker, run.parent_id, searched.ranking, run.work_dir)
 
 
 def timing(run: RunState) -> None:
@@ -221,6 +273,7 @@ def record_decision(run: RunState) -> None:
                        "documents": len(reference.evaluation), "prompts": len(reference.prompt_ids),
                        "production_broken": str(run.production_broken) if run.production_broken else None,
                        "served": {name: capacity.as_dict() for name, capacity in run.served.items()},
+                       "search": run.search_record,
                        "candidates": {c.name: c.record() for c in run.decoders}}
         tracker.log_dict(parent_id, run.decided, track.DECISION_FILE)
         tracker.client.log_text(parent_id, run.report, "report.txt")

@@ -94,7 +94,10 @@ def test_a_tiny_llama_is_requantized_gated_on_agreement_and_promoted(decided):
     decision = summary.decision
     assert decision["task"] == "text-generation"
     candidates = decision["candidates"]
-    assert set(candidates) == {"fp32", "int8-dynamic", "int4-b32", "int4-b64-fp32acc"}
+    # The grid, plus the search's first trial: INT8 weight-only everywhere passes the loose bar, so no
+    # block is ranked (a trial that keeps blocks in FP32 could only be slower).
+    assert set(candidates) == {"fp32", "int8-dynamic", "int4-b32", "int4-b64-fp32acc", "search-keep-fp32-k0"}
+    assert decision["search"]["best_k"] == 0 and not decision["search"]["sensitivity_computed"]
     fp32 = candidates["fp32"]["metrics"]
     # FP32 against itself: the same tokens, the same distribution.
     assert fp32["lm_token_agreement"] == 1.0 and fp32["lm_relative_perplexity_increase"] == pytest.approx(0, abs=1e-9)
@@ -140,19 +143,41 @@ def test_a_tiny_llama_is_requantized_gated_on_agreement_and_promoted(decided):
     assert float(version.tags["requant.usd_per_million_tokens"]) > 0 and version.tags["requant.task"] == "text-generation"
 
 
-def test_a_strict_bar_fails_the_candidates_that_flip_tokens(tmp_path, tiny_llama, prefect_server):
+def test_a_strict_bar_fails_the_candidates_that_flip_tokens_and_the_search_keeps_blocks_in_fp32(tmp_path, tiny_llama,
+                                                                                               prefect_server):
     from flows.requantize import requantize
 
-    params = decoder_project(tmp_path, tiny_llama, lm_quality_bar={"min_token_agreement": 0.999},
-                             quantize={"candidates": [
-                                 {"name": "fp32", "recipe": "fp32", "config": {}},
-                                 {"name": "int4-b32", "recipe": "int4-weight-only",
-                                  "config": {"block_size": 32, "accuracy_level": 4, "quantize_embeddings": False}}]})
+    int4 = {"block_size": 32, "accuracy_level": 4, "quantize_embeddings": False}
+    # INT4 everywhere flips about a quarter of the random model's next tokens: below the 80% bar. The search starts
+    # from the same config (k = 0 is the int4-b32 candidate itself) and keeps the most sensitive blocks in FP32.
+    params = decoder_project(tmp_path, tiny_llama, lm_quality_bar={"min_token_agreement": 0.80},
+                             search={"decoder_recipe": "int4-weight-only", "decoder_base_config": int4},
+                             serving={"price_from": "batched"},
+                             quantize={"candidates": [{"name": "fp32", "recipe": "fp32", "config": {}},
+                                                      {"name": "int4-b32", "recipe": "int4-weight-only", "config": int4}]})
     summary = requantize(params_path=str(params))
-    int4 = summary.decision["candidates"]["int4-b32"]
-    assert int4["metrics"]["lm_token_agreement"] < 0.999
-    assert not int4["passed_bar"] and "agreement" in int4["reason"]
-    assert summary.winner == "fp32"
+    candidates = summary.decision["candidates"]
+    flipped = candidates["int4-b32"]
+    assert flipped["metrics"]["lm_token_agreement_low"] < 0.80
+    assert not flipped["passed_bar"] and "agreement" in flipped["reason"]
+    search = summary.decision["search"]
+    assert search["recipe"] == "int4-weight-only" and search["sensitivity_computed"]
+    trials = {t["k"]: t for t in search["trials"]}
+    assert trials[0]["candidate"] == "int4-b32" and not trials[0]["passed"]  # reused, not rebuilt
+    best = search["best_k"]
+    assert best is not None and trials[best]["passed"] and all(not trials[k]["passed"] for k in trials if k < best)
+    assert len(search["kept_fp32"]) == best and set(search["kept_fp32"]) <= {"layer.0", "layer.1", "head"}
+    kept = candidates[search["best_candidate"]]
+    assert kept["passed_bar"] and kept["metrics"]["lm_token_agreement_low"] >= 0.80
+    assert kept["metrics"]["size_ratio_vs_fp32"] < 1  # some blocks are still INT4
+    assert summary.winner in {"fp32", search["best_candidate"]}
+    from mlflow import MlflowClient
+
+    client = MlflowClient(yaml.safe_load(Path(params).read_text())["registry"]["tracking_uri"])
+    ranking = json.loads(Path(client.download_artifacts(summary.parent_run_id, "sensitivity.json")).read_text())["ranking"]
+    assert {g["group"] for g in ranking} == {"layer.0", "layer.1", "head"}
+    assert all(len(g["nodes"]) >= 1 and g["kl_divergence"] >= 0 for g in ranking)
+    assert [g["group"] for g in ranking[:best]] == search["kept_fp32"]  # the most sensitive first
 
 
 def test_the_promoted_decoder_generates_under_mlflow_models_serve(decided, tmp_path):

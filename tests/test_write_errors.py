@@ -116,3 +116,13 @@ def test_requant_run_with_a_full_work_folder_fails_in_one_line_naming_it(project
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     assert errors == [f"error: the work folder {work} is full (No space left on device): free space there or point "
                       "--work-dir elsewhere, then run again"], done.stderr[-3000:]
+
+
+def test_a_decoders_run_folders_have_no_data_folder(project):
+    # A decoder's params carry text_data, not data: the folders are still listed, so a write failure is named.
+    settings = load_settings(project / "params.yaml").model_copy(update={"data": None})
+    names = [folder.label for folder in run_folders(settings, project)]
+    assert names[:3] == ["the work folder", "the source model folder", "the DVC cache"]
+    assert "the data folder" not in names
+    with_data = [folder.label for folder in run_folders(load_settings(project / "params.yaml"), project)]
+    assert with_data[:4] == ["the work folder", "the source model folder", "the data folder", "the DVC cache"]

@@ -212,6 +212,12 @@ class SearchSettings(_Section):
         description="int8-dynamic config every trial starts from; trial k keeps the k most sensitive groups in FP32.")
     max_trials: int = Field(8, ge=1, description="Budget: trials the search may build and measure.")
     max_minutes: float = Field(10.0, gt=0, description="Budget: wall minutes the search may spend.")
+    decoder_recipe: str = Field("int8-weight-only", description="Decoders: the recipe every trial starts from; trial k "
+                                                               "keeps the k most sensitive transformer blocks in FP32.")
+    decoder_base_config: dict[str, Any] = Field(
+        default_factory=lambda: {"block_size": 32, "accuracy_level": 4, "quantize_embeddings": False},
+        description="Decoders: decoder_recipe's config for every trial (the blocks kept in FP32 are added to its "
+                    "nodes_to_exclude).")
 
 
 class QatSettings(_Section):

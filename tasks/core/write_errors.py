@@ -53,8 +53,9 @@ def run_folders(settings, project: Path, work_dir: Path | None = None) -> list[R
     folders = [RunFolder("the work folder", Path(work_dir or project / "models" / "work").resolve(),
                          "point --work-dir elsewhere"),
                RunFolder("the source model folder", project / "models" / "source", "run from a project on another disk"),
-               RunFolder("the data folder", Path(settings.data.output_dir), "set data.output_dir elsewhere"),
                RunFolder("the DVC cache", project / ".dvc" / "cache", "move it with `dvc cache dir`")]
+    if settings.data is not None:  # a decoder's params have text_data instead: its files are only read
+        folders.insert(2, RunFolder("the data folder", Path(settings.data.output_dir), "set data.output_dir elsewhere"))
     location = settings.registry.artifact_location
     if location and (location.startswith("file://") or not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", location)):
         folders.append(RunFolder("the artifact store", Path(location.removeprefix("file://")),

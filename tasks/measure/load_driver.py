@@ -286,6 +286,7 @@ class StepRecorder:
         self.errors: dict[str, int] = {}
         self.other_errors = 0
         self.last_end = 0.0
+        self.fastest_ok_ms: float | None = None  # the quickest 2xx answer: the service time of an unloaded server
 
     def answer(self, due: float, status: int, body: bytes) -> None:
         end = time.perf_counter()
@@ -295,6 +296,8 @@ class StepRecorder:
         self.status_counts[str(status)] = self.status_counts.get(str(status), 0) + 1
         if 200 <= status < 300:
             self.succeeded += 1
+            latency_ms = self.latencies_ms[-1]
+            self.fastest_ok_ms = latency_ms if self.fastest_ok_ms is None else min(self.fastest_ok_ms, latency_ms)
         else:
             text = body[:120].decode("utf-8", "replace").strip()
             self.fail(due, f"HTTP {status}: {text}" if text else f"HTTP {status}", ended=False)
@@ -318,7 +321,7 @@ class StepRecorder:
         Keys: offered_rps, users (connections that carried a request), seconds (from the first due time
         to the last answer, at least the issuing window), requests (answered, any status), failures
         (non-2xx answers, connection errors, requests cut off after the step), achieved_rps (2xx
-        answers / seconds), error_rate (failures / issued), p50_ms/p95_ms/p99_ms (over every issued
+        answers / (seconds less the fastest 2xx answer's latency, at least the issuing window)), error_rate (failures / issued), p50_ms/p95_ms/p99_ms (over every issued
         request, from its due time; a failed or cut-off request counts with the time until it
         failed), schedule_lag_p95_ms (due time to issue: above a few ms the generator itself fell
         behind), server_cpu_percent and generator_cpu_percent (of one core), capped_by_request_budget,
@@ -326,6 +329,11 @@ class StepRecorder:
         ("ramp" or "refine"); failed_because is added by the search.
         """
         seconds = max(window_s, self.last_end - t0)
+        # A server that keeps pace answers the last request one service time after it was due, so its answers
+        # span the issuing window shifted by that time: the served rate is taken over the span less the
+        # fastest answer, or a service whose requests take seconds (a decoder's) would look like one falling behind.
+        service_s = (self.fastest_ok_ms or 0.0) / 1000.0
+        span = max(window_s, self.last_end - t0 - service_s)
         latencies = sorted(self.latencies_ms)
         errors = [f"{n}x {error}" for error, n in self.errors.items()]
         if self.other_errors:
@@ -333,7 +341,7 @@ class StepRecorder:
         return {
             "phase": phase, "offered_rps": rate, "users": connections, "seconds": seconds,
             "requests": self.answered, "failures": self.failures, "issued": issued,
-            "achieved_rps": self.succeeded / seconds if seconds > 0 else 0.0,
+            "achieved_rps": self.succeeded / span if span > 0 else 0.0,
             "error_rate": self.failures / issued if issued else 1.0,
             "p50_ms": percentile(latencies, 0.50), "p95_ms": percentile(latencies, 0.95),
             "p99_ms": percentile(latencies, 0.99),
@@ -448,11 +456,12 @@ MIN_RPS = 0.5
 MAX_RPS = 20000.0
 
 
-def next_rate(steps: list[dict], step_factor: float, resolution: float) -> tuple[float, str] | str:
+def next_rate(steps: list[dict], step_factor: float, resolution: float,
+              min_rps: float = MIN_RPS) -> tuple[float, str] | str:
     """The next step's (rate, phase), or why the search is over (a string).
 
     Up by `step_factor` while steps hold; down by its square while every step failed (a start
-    above the capacity finds it from above); then bisection between the two bounds.
+    above the capacity finds it from above), not below `min_rps`; then bisection between the two bounds.
     """
     held, failed = interval(steps)
     if failed is None:
@@ -461,7 +470,7 @@ def next_rate(steps: list[dict], step_factor: float, resolution: float) -> tuple
         return min(steps[-1]["offered_rps"] * step_factor, MAX_RPS), "ramp"
     if held is None:
         lower = failed / step_factor ** 2
-        if lower < MIN_RPS:
+        if lower < min_rps:
             return (f"no step held, down to {failed:.1f} requests/s: {steps[-1]['failed_because']}")
         return lower, "descend"
     if failed / held - 1 <= resolution:
@@ -544,7 +553,7 @@ async def search(spec: dict) -> dict:
         if step["capped_by_request_budget"]:
             stop_reason = "request budget spent"
             break
-        following = next_rate(steps, spec["step_factor"], resolution)
+        following = next_rate(steps, spec["step_factor"], resolution, spec.get("min_rps") or MIN_RPS)
         if isinstance(following, str):
             stop_reason = following
             break

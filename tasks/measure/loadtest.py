@@ -182,12 +182,13 @@ def check_answers(url: str, texts: list[str], params: dict | None = None) -> Non
 
 
 def run_ramp(url: str, server_pid: int, texts: list[str], settings: LoadtestSettings, target_ms: float,
-             work_dir: Path, params: dict | None = None) -> LoadtestResult:
+             work_dir: Path, params: dict | None = None, min_rps: float | None = None) -> LoadtestResult:
     """Drive the ramp and its refinement against `url` with the load generator (a bounded child process); summarise it.
 
     `resolution`, `max_connections` and `warmup_requests` come from `settings` where it has them
     (older settings: max_users stands for max_connections). `params` go into every request body
-    (a text generator's max_new_tokens and ignore_eos).
+    (a text generator's max_new_tokens and ignore_eos); `min_rps` is the lowest rate a ramp that
+    fails from its first step descends to (the driver's MIN_RPS when None).
 
     Raises:
         RequantError: no texts, or the driver failed or overran its time budget (it is killed).
@@ -202,7 +203,7 @@ def run_ramp(url: str, server_pid: int, texts: list[str], settings: LoadtestSett
             or DEFAULT_MAX_CONNECTIONS,
             "resolution": getattr(settings, "resolution", DEFAULT_RESOLUTION),
             "warmup_requests": getattr(settings, "warmup_requests", DEFAULT_WARMUP_REQUESTS),
-            "max_error_rate": settings.max_error_rate, "params": params}
+            "max_error_rate": settings.max_error_rate, "params": params, "min_rps": min_rps}
     work_dir.mkdir(parents=True, exist_ok=True)
     spec_path, out_path, log_path = work_dir / "spec.json", work_dir / "steps.json", work_dir / "driver.log"
     spec_path.write_text(json.dumps(spec))

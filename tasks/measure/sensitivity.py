@@ -32,10 +32,16 @@ class GroupSensitivity:
     op_type: str
     kl_divergence: float
     top1_flip_rate: float
+    nodes: tuple[str, ...] = ()  # every node of the group, when it has several (a decoder's block)
+
+    @property
+    def node_names(self) -> tuple[str, ...]:
+        """The nodes a trial keeps in FP32 for this group."""
+        return self.nodes or (self.node,)
 
     def as_dict(self) -> dict:
         """Plain dict for the MLflow artifact."""
-        return asdict(self)
+        return {**asdict(self), "nodes": list(self.nodes)}
 
 
 def weight_nodes(model_path: Path) -> list[tuple[str, str, str]]:
@@ -104,7 +110,7 @@ def cached_ranking(cache_dir: Path, identity: list, compute: Callable[[], list[G
 
     cache = cache_dir / f"{hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]}.json"
     if cache.is_file():
-        return [GroupSensitivity(**g) for g in json.loads(cache.read_text())]
+        return [GroupSensitivity(**{**g, "nodes": tuple(g.get("nodes", ()))}) for g in json.loads(cache.read_text())]
     ranking = compute()
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps([g.as_dict() for g in ranking]))

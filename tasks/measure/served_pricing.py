@@ -102,7 +102,8 @@ def measure_capacity(url: str, pid: int, texts: list[str], loadtest: LoadtestSet
                      slowest_start_rps: float = 1.0, warmup_requests: int | None = None) -> ServedCapacity:
     """Find the request rate the served model at `url` (server process `pid`) holds at `target_ms` (p95).
 
-    The ramp starts at 0.8 x the expected rate (at least `slowest_start_rps`), so it reaches the
+    The ramp starts at 0.8 x the expected rate (at least `slowest_start_rps`, which is also as low as
+    it descends when every step fails; 0.5 at most), so it reaches the
     limit in a few steps of `serving.step_seconds` (from below, or from above by descending), then
     refines to `loadtest.resolution`. `params` go into every request (a generator's). Failures are
     returned in `error`, not raised: a model that cannot be measured is priced from what else is
@@ -116,7 +117,7 @@ def measure_capacity(url: str, pid: int, texts: list[str], loadtest: LoadtestSet
                                         "warmup_requests": loadtest.warmup_requests if warmup_requests is None
                                         else warmup_requests})
     try:
-        result = run_ramp(url, pid, texts, knobs, target_ms, work_dir, params)
+        result = run_ramp(url, pid, texts, knobs, target_ms, work_dir, params, min(slowest_start_rps, 0.5))
     except Exception as exc:  # the generator failed: say why, price from the rest
         return unmeasured(loadtest, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     return ServedCapacity(
