@@ -301,8 +301,10 @@ class GenerationSettings(_Section):
     slo_p95_ms: float = Field(15000.0, gt=0, description="Served measurement: p95 of a whole request (one prompt in, "
                                                        "cost.traffic.output_tokens_per_request tokens out) that served "
                                                        "capacity is measured at.")
-    served_step_seconds: float = Field(10.0, gt=0, description="Served measurement: length of each load step.")
-    served_max_seconds: float = Field(120.0, gt=0, description="Served measurement: load seconds per model at most.")
+    served_step_seconds: float = Field(30.0, gt=0, description="Served measurement: length of each load step (several "
+                                                               "times a request's latency, or a step holds too few "
+                                                               "requests to tell a served rate from its noise).")
+    served_max_seconds: float = Field(240.0, gt=0, description="Served measurement: load seconds per model at most.")
 
 
 class LmQualityBar(_Section):

@@ -5,7 +5,9 @@ Speed here is capacity: requests/s one instance completes at the configured conc
 per interleaved timing round from that round's time to first token and decode speed, so rounds
 pair up across candidates. Once served prices are in (tasks/evaluate/served_decoders.py), each
 candidate's rounds are scaled by its served/in-process ratio, so the ranking is on what serving
-holds while the noise is still the rounds' noise. Among passing candidates none is slower beyond the noise than,
+holds while the noise is still the rounds' noise. Two candidates that were both served are never
+told apart on a gap their served capacity intervals do not show (a decoder's load steps hold few
+requests, so those intervals are wide): where the intervals overlap, neither is slower. Among passing candidates none is slower beyond the noise than,
 the one closest to FP32 wins (highest top-1 token agreement), then the smallest; production stays
 unless it fails the gate or is slower beyond the noise.
 """
@@ -18,6 +20,7 @@ import numpy as np
 
 from tasks.decide.selection import Candidate, slower_beyond_noise
 from tasks.evaluate.decoders import DecoderCandidate
+from tasks.measure.served_pricing import SERVED
 
 
 @dataclass
@@ -54,6 +57,19 @@ def _as_candidate(c: DecoderCandidate, output_tokens: int) -> Candidate:
                      is_production=c.built.is_production)
 
 
+def served_intervals_overlap(a: DecoderCandidate, b: DecoderCandidate) -> bool:
+    """Both were load-tested and their served capacities (held up to the first rate that failed) overlap."""
+    intervals = []
+    for c in (a, b):
+        price = c.served_price
+        if price is None or price.basis != SERVED or price.capacity is None or price.capacity.error:
+            return False
+        high = price.capacity.capacity_high_rps
+        intervals.append((price.capacity.capacity_rps, high if high is not None else float("inf")))
+    (low_a, high_a), (low_b, high_b) = intervals
+    return low_a < high_b and low_b < high_a
+
+
 def select_decoder(candidates: list[DecoderCandidate], output_tokens: int, margin: float) -> DecoderDecision:
     """The winner among decoder candidates, whether to promote it, and why each other one lost.
 
@@ -73,7 +89,8 @@ def select_decoder(candidates: list[DecoderCandidate], output_tokens: int, margi
         return decision
     view = {c.name: _as_candidate(c, output_tokens) for c in passing}
     beaten_by = {c.name: next((o for o in sorted(passing, key=lambda o: -view[o.name].throughput_low_per_s)
-                               if o is not c and slower_beyond_noise(view[c.name], view[o.name], margin)), None)
+                               if o is not c and slower_beyond_noise(view[c.name], view[o.name], margin)
+                               and not served_intervals_overlap(c, o)), None)
                  for c in passing}
     frontier = [c for c in passing if beaten_by[c.name] is None]
     winner = max(frontier, key=lambda c: (c.quality.token_agreement, -c.built.size_ratio, c.built.is_production))
@@ -87,7 +104,8 @@ def select_decoder(candidates: list[DecoderCandidate], output_tokens: int, margi
                                         f"noise than {faster.name}'s {faster.throughput_per_s:.2f} "
                                         f"(${v.monthly_cost_usd:,.2f}/month vs ${faster.monthly_cost_usd:,.2f})")
         else:
-            decision.reasons[c.name] = (f"passes the bar and is as fast as {winner.name} within noise; {winner.name} "
+            decision.reasons[c.name] = (f"passes the bar and is as fast as {winner.name} within noise (in-process "
+                                        f"rounds, served capacity intervals); {winner.name} "
                                         f"agrees more with FP32 ({winner.quality.token_agreement:.2%} vs "
                                         f"{c.quality.token_agreement:.2%}) or is smaller")
     decision.winner = winner.name

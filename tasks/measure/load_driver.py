@@ -286,7 +286,7 @@ class StepRecorder:
         self.errors: dict[str, int] = {}
         self.other_errors = 0
         self.last_end = 0.0
-        self.fastest_ok_ms: float | None = None  # the quickest 2xx answer: the service time of an unloaded server
+        self.ok_latencies_ms: list[float] = []  # of the 2xx answers
 
     def answer(self, due: float, status: int, body: bytes) -> None:
         end = time.perf_counter()
@@ -296,8 +296,7 @@ class StepRecorder:
         self.status_counts[str(status)] = self.status_counts.get(str(status), 0) + 1
         if 200 <= status < 300:
             self.succeeded += 1
-            latency_ms = self.latencies_ms[-1]
-            self.fastest_ok_ms = latency_ms if self.fastest_ok_ms is None else min(self.fastest_ok_ms, latency_ms)
+            self.ok_latencies_ms.append(self.latencies_ms[-1])
         else:
             text = body[:120].decode("utf-8", "replace").strip()
             self.fail(due, f"HTTP {status}: {text}" if text else f"HTTP {status}", ended=False)
@@ -321,7 +320,7 @@ class StepRecorder:
         Keys: offered_rps, users (connections that carried a request), seconds (from the first due time
         to the last answer, at least the issuing window), requests (answered, any status), failures
         (non-2xx answers, connection errors, requests cut off after the step), achieved_rps (2xx
-        answers / (seconds less the fastest 2xx answer's latency, at least the issuing window)), error_rate (failures / issued), p50_ms/p95_ms/p99_ms (over every issued
+        answers / (seconds less the median 2xx latency, at least the issuing window)), error_rate (failures / issued), p50_ms/p95_ms/p99_ms (over every issued
         request, from its due time; a failed or cut-off request counts with the time until it
         failed), schedule_lag_p95_ms (due time to issue: above a few ms the generator itself fell
         behind), server_cpu_percent and generator_cpu_percent (of one core), capped_by_request_budget,
@@ -329,10 +328,11 @@ class StepRecorder:
         ("ramp" or "refine"); failed_because is added by the search.
         """
         seconds = max(window_s, self.last_end - t0)
-        # A server that keeps pace answers the last request one service time after it was due, so its answers
-        # span the issuing window shifted by that time: the served rate is taken over the span less the
-        # fastest answer, or a service whose requests take seconds (a decoder's) would look like one falling behind.
-        service_s = (self.fastest_ok_ms or 0.0) / 1000.0
+        # A server that keeps pace answers the last request about one typical latency after it was due, so its
+        # answers span the issuing window shifted by that time: the served rate is taken over the span less the
+        # median answer's latency, or a service whose requests take seconds (a decoder's) would look like one
+        # falling behind. A server that does fall behind answers its last requests far later than the median.
+        service_s = (percentile(sorted(self.ok_latencies_ms), 0.50) or 0.0) / 1000.0
         span = max(window_s, self.last_end - t0 - service_s)
         latencies = sorted(self.latencies_ms)
         errors = [f"{n}x {error}" for error, n in self.errors.items()]
@@ -559,7 +559,10 @@ async def search(spec: dict) -> dict:
             break
         rate, phase = following
         if step["failed_because"]:  # the next step starts on an idle server, not on this one's backlog
-            step["settle_seconds"] = await settle(pool, requests[0], idle_ms, min(deadline - 1, time.perf_counter() + 5))
+            # A backlog drains in about the target's time (a decoder's requests take seconds): wait that long at most.
+            settle_s = max(5.0, 2 * slo_ms / 1000)
+            step["settle_seconds"] = await settle(pool, requests[0], idle_ms,
+                                                  min(deadline - 1, time.perf_counter() + settle_s))
     pool.close_all()
     seconds = time.perf_counter() - began
     held, failed = interval(steps)
