@@ -53,6 +53,7 @@ from tasks.measure.lm_sensitivity import rank_decoder_groups
 from tasks.measure.sensitivity import cached_ranking
 from tasks.models.hf_causal_lm import read_source_note
 from tasks.recipes.base import config_hash, parse_config, runtime_versions
+from tasks.serve.front import generation_files_of_mlflow_model
 
 log = logging.getLogger("requant")
 
@@ -225,9 +226,15 @@ def price_served(run: RunState) -> None:
                 break
             serve_and_price(run.decoders, to_test, run.decoder_reference, settings.generation, settings.loadtest,
                             settings.serving, run.profile, settings.cost.traffic, settings.evaluate.intra_op_threads,
-                            scratch, run.served)
+                            scratch, run.served, _production_files(run))
             select(run)
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _production_files(run: RunState):
+    """Production's own graph, tokenizer and generator card, as downloaded from the registry (None: no production)."""
+    model_dir = getattr(run.production, "model_dir", None)
+    return generation_files_of_mlflow_model(model_dir) if model_dir else None
 
 
 def record_decision(run: RunState) -> None:

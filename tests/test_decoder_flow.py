@@ -308,3 +308,17 @@ def test_a_classifier_given_only_text_data_is_refused(tmp_path, tiny_model_folde
     params_path = decoder_project(tmp_path / "project", tiny_model_folder)
     done, errors = requant("run", "--params", str(params_path), timeout=600)
     assert_one_clear_error(done, errors, "classifier", "data")
+
+
+# Last of the tests on `decided`: it may move production.
+def test_a_rerun_serves_production_from_its_own_registry_files(decided):
+    from flows.requantize import requantize
+
+    params, first = decided
+    summary = requantize(params_path=str(params), force=True)
+    production = f"production-v{first.promoted_version}"
+    # Production is measured like any candidate, and served from its download (graph, tokenizer, card).
+    assert production in summary.decision["candidates"] and production in summary.decision["served"]
+    served = summary.decision["served"][production]
+    assert served["error"] is None and served["capacity_rps"] > 0
+    assert summary.decision["candidates"][production]["priced_from"]["basis"] == "served"

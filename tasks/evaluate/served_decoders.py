@@ -56,15 +56,20 @@ def serve_and_price_decoders(candidates: list[DecoderCandidate], to_test: list[D
                              reference: DecoderReference, generation: GenerationSettings,
                              loadtest: LoadtestSettings, serving: ServingSettings, profile: HardwareProfile,
                              traffic: TrafficSettings, threads: int, work_dir: Path,
-                             served: dict[str, ServedCapacity]) -> dict[str, ServedCapacity]:
+                             served: dict[str, ServedCapacity],
+                             production_files: ServedFiles | None = None) -> dict[str, ServedCapacity]:
     """Measure the served capacity of `to_test` (those not measured yet), then price every timed candidate
     from served figures, in place: `cost` and `usd_per_million_tokens` become served prices, the
     in-process cost moves to `inprocess_cost`. Returns `served`, updated.
+
+    A new candidate is served with the reference's tokenizer and generator card; production with its
+    own (`production_files`, from its registry download: an earlier source version may tokenize differently).
     """
     pending = [c for c in to_test if c.name not in served]
     knobs = serving.model_copy(update={"step_seconds": generation.served_step_seconds,
                                        "max_seconds": generation.served_max_seconds})
-    files = [ServedFiles(c.built.model_path, reference.tokenizer_dir, reference.card_path, kind="generator")
+    files = [production_files if c.built.is_production and production_files else
+             ServedFiles(c.built.model_path, reference.tokenizer_dir, reference.card_path, kind="generator")
              for c in pending]
     params = generation_params(traffic)
     with served_fronts(files, loadtest.server_start_timeout_s, threads) as fronts:
