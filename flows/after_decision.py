@@ -152,10 +152,12 @@ def served_version_files(params_path: str, which: str, work: Path):
 
 
 def _decoder_knobs(knobs, settings: Settings, run_metrics: dict[str, float], overrides: dict):
-    """Load-test settings for a decoder: requests take seconds, so steps are longer, warm-up shorter, and the
-    ramp starts below the rate the decision priced the version on (not at loadtest.start_rps)."""
+    """Load-test settings for a decoder: requests take seconds, so steps and the budget are as long as the flow's
+    served measurement at least, warm-up shorter, and the ramp starts below the rate the decision priced the
+    version on (not at loadtest.start_rps). Options given on the command line win."""
     priced = run_metrics.get("priced_requests_per_s")
     update = {"step_seconds": max(knobs.step_seconds, settings.generation.served_step_seconds),
+              "max_seconds": max(knobs.max_seconds, settings.generation.served_max_seconds),
               "warmup_requests": min(knobs.warmup_requests, WARMUP_REQUESTS)}
     if priced:
         update["start_rps"] = max(SLOWEST_START_RPS, 0.8 * priced)
