@@ -7,9 +7,11 @@ pair up across candidates. Once served prices are in (tasks/evaluate/served_deco
 candidate's rounds are scaled by its served/in-process ratio, so the ranking is on what serving
 holds while the noise is still the rounds' noise. Two candidates that were both served are never
 told apart on a gap their served capacity intervals do not show (a decoder's load steps hold few
-requests, so those intervals are wide): where the intervals overlap, neither is slower. Among passing candidates none is slower beyond the noise than,
-the one closest to FP32 wins (highest top-1 token agreement), then the smallest; production stays
-unless it fails the gate or is slower beyond the noise.
+requests, so those intervals are wide): where the intervals overlap, neither is slower.
+
+Among passing candidates that no other is faster than beyond the noise, the one closest to FP32
+wins (highest top-1 token agreement), then the smallest; production stays unless it fails the gate
+or is slower beyond the noise.
 """
 
 from __future__ import annotations
