@@ -92,7 +92,9 @@ def loadtest_version(params_path: str, which: str = "production", sample: str | 
     generates = version.tags.get("requant.task") == "text-generation"
     params = None
     if generates:  # a decoder: one prompt per request, each the traffic's output tokens exactly
-        texts = _sample(settings, sample, None, None, max_rows=5000).texts if sample else list(settings.generation.prompts)
+        # A decoder's params have no `data` section to name the columns: a --sample CSV has a `text` column.
+        texts = (_sample(settings, sample, TEXT, LABEL, max_rows=5000).texts if sample
+                 else list(settings.generation.prompts))
         params = generation_params(settings.cost.traffic)
         knobs = _decoder_knobs(knobs, settings, tracker.version_run_metrics(version), overrides or {})
         target_ms = knobs.slo_p95_ms or settings.generation.slo_p95_ms

@@ -200,13 +200,15 @@ def test_the_promoted_decoder_generates_under_mlflow_models_serve(decided, tmp_p
     assert len(predictions) == 2 and all(isinstance(p, str) for p in predictions)
 
 
-def test_requant_loadtest_measures_the_promoted_decoders_served_tokens(decided):
+def test_requant_loadtest_measures_the_promoted_decoders_served_tokens(decided, tmp_path):
     from mlflow import MlflowClient
 
     from flows.after_decision import loadtest_version
 
     params, summary = decided
-    done = loadtest_version(str(params), "production", overrides={"max_seconds": 20})
+    sample = tmp_path / "prompts.csv"  # --sample: a CSV with a `text` column (params-lm.yaml has no `data` section)
+    sample.write_text("text\n" + "\n".join(["where is my refund", "I lost my card", "what is my balance"]) + "\n")
+    done = loadtest_version(str(params), "production", sample=str(sample), overrides={"max_seconds": 20})
     result = done.result
     # Each request is one prompt generating the traffic's 8 tokens; the ramp found a rate that held the p95 target.
     assert result.capacity_rps > 0 and result.slo_p95_ms == 1000 and result.limit_found
