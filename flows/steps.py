@@ -293,8 +293,12 @@ def time_passing(run: RunState) -> None:
     with run.clock.phase("evaluate"):
         log_screening(run.measured)
         compare_with_production(run.measured, run.reference, settings.quality_bar)
+        # The same graph screened under another name (a search trial built while its grid twin was deferred)
+        # has the same screening speed: every candidate of that graph logs it under the same name.
+        screened = {m.built.config_hash: run.speed.rates[m.built.name] for m in run.measured
+                    if run.speed.rates.get(m.built.name)}
         for m in run.measured:  # a rough speed for the record, also for candidates never timed in full
-            rates = run.speed.rates.get(m.built.name)
+            rates = run.speed.rates.get(m.built.name) or screened.get(m.built.config_hash)
             m.screen_throughput_per_s = float(np.median(rates)) if rates else None
         time_all(run.measured, run.reference, settings.evaluate, run.profile, settings.cost.traffic,
                  progress=lambda r, n: log.info("timing round %d/%d", r, n),
