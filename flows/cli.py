@@ -64,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="Serve the requantize deployment (cron + trigger); needs PREFECT_API_URL.")
     serve.add_argument("--params", default="params.yaml")
 
+    fleet = sub.add_parser("fleet-deploy", help="Deploy the measurement flow onto every profile's work_pool (cost.fleet); "
+                                                "needs PREFECT_API_URL.")
+    fleet.add_argument("--params", default="params.yaml")
+    fleet.add_argument("--code", default=None, help="The requant checkout workers run (default: this one).")
+
     receiver = sub.add_parser("webhook-receiver", help="Receive MLflow webhooks (secret: $REQUANT_WEBHOOK_SECRET).")
     receiver.add_argument("--host", default="127.0.0.1")
     receiver.add_argument("--port", type=int, default=8788)
@@ -125,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         interrupts.install()
     try:
         commands = {"train": _train, "run": _run, "status": _status, "report": _report, "recipes": _recipes, "serve": _serve,
-                    "webhook-receiver": _webhook_receiver, "register-webhook": _register_webhook,
+                    "fleet-deploy": _fleet_deploy, "webhook-receiver": _webhook_receiver, "register-webhook": _register_webhook,
                     "fetch-data": _fetch_data, "fetch-decoder": _fetch_decoder, "loadtest": _loadtest, "serve-model": _serve_model, "rollout": _rollout, "rollback": _rollback}
         return commands[args.command](args)
     except BaseException as exc:
@@ -289,6 +294,28 @@ def _serve(args) -> int:
 
     require_prefect_api()
     serve(settings, args.params)
+    return 0
+
+
+def _fleet_deploy(args) -> int:
+    import os
+    from pathlib import Path
+
+    from tasks.config.loading import load_settings
+    from tasks.core.errors import RequantError
+
+    settings = load_settings(args.params)
+    if not os.environ.get("PREFECT_API_URL"):
+        raise RequantError("PREFECT_API_URL is not set: start `prefect server start` (or use Prefect Cloud) and export its API URL")
+    if not any(p.work_pool for p in settings.cost.hardware_profiles):
+        raise RequantError(f"no profile in {args.params} has a work_pool: give each instance type of cost.fleet the "
+                           "Prefect work pool whose workers run on it")
+    from flows.fleet import deploy
+    from flows.runners import require_prefect_api
+
+    require_prefect_api()
+    for name in deploy(settings, Path(args.code) if args.code else Path(__file__).resolve().parents[1]):
+        print(f"deployed {name}")
     return 0
 
 

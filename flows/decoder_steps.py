@@ -34,6 +34,7 @@ from tasks import track
 from tasks.build.decoder_reference import prepare_decoder_reference
 from tasks.build.preflight import check_data_for
 from tasks.config.settings import CandidateSpec
+from tasks.core.errors import RequantError
 from tasks.core.hashing import sha256_of
 from tasks.core.locking import exclusive
 from tasks.data.text import read_documents
@@ -64,6 +65,9 @@ serve_and_price = task(serve_and_price_decoders, name="served-capacity-decoders"
 
 def requantize_decoder(run: RunState) -> RunSummary:
     """Requantize a causal language model: the decoder path's steps, in the card's order."""
+    if run.settings.cost.fleet:
+        raise RequantError("cost.fleet is not supported for text-generation models yet: measure a decoder on one "
+                           "host (empty cost.fleet) and run it where that profile stands")
     text_data(run)
     if earlier := already_decided(run):
         return earlier
@@ -206,8 +210,6 @@ def select(run: RunState) -> None:
         run.outcome = ("promoted" if decision.promote else "kept-production" if decision.winner
                        else "no-candidate-passed")
         if run.production_broken and not decision.promote:
-            from tasks.core.errors import RequantError
-
             raise RequantError(f"{run.production_broken}, and no candidate replaces it ({decision.summary}): move "
                                "the production alias to a version that loads (requant rollback --to VERSION)")
 

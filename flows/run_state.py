@@ -100,6 +100,10 @@ class RunState:
     # select, price, confirm
     decision: Decision | None = None
     served: dict[str, ServedCapacity] = field(default_factory=dict)
+    # cost.fleet (flows/fleet_steps.py): every profile's figures and the chosen pair, the report's part, the artifact's rows
+    fleet: dict | None = None
+    fleet_report: str = ""
+    fleet_rows: list[dict] = field(default_factory=list)
     winner: MeasuredCandidate | None = None
     confirmation: dict | None = None
     outcome: str = ""

@@ -45,12 +45,12 @@ from tasks.decide.decision import (
     candidate_record,
     check_reference,
     confirm_winner,
-    for_selection,
     log_screening,
     passes_quality,
     production_candidate,
     same_graph_as_production,
     screening_record,
+    select_measured,
 )
 from tasks.decide.mixed_search import MixedSearchResult, search_kept_fp32
 from tasks.decide.report import (
@@ -61,15 +61,14 @@ from tasks.decide.report import (
     verdict_word,
 )
 from tasks.decide.search import Budget
-from tasks.decide.selection import Reference as QualityReference
-from tasks.decide.selection import select as select_winner
 from tasks.evaluate.candidates import (
+    UNTIMED_FAILING,
     MeasuredCandidate,
     compare_with_production,
     score_candidate,
     time_candidates,
 )
-from tasks.evaluate.speed import bring_back_deferred, screen_speed
+from tasks.evaluate.speed import SpeedScreen, bring_back_deferred, screen_speed
 from tasks.measure.loadtest import slo_ms
 from tasks.measure.result_cache import ResultCache
 from tasks.measure.sensitivity import (
@@ -81,7 +80,13 @@ from tasks.measure.sensitivity import (
 from tasks.measure.served_pricing import contenders, reprice
 from tasks.measure.timing import cpu_info
 from tasks.models.base import open_model
-from tasks.recipes.base import config_hash, parse_config, recipe_class, runtime_versions
+from tasks.recipes.base import (
+    config_hash,
+    is_baseline,
+    parse_config,
+    recipe_class,
+    runtime_versions,
+)
 from tasks.serve import rollback
 from tasks.serve.front import ServedFiles, files_of_mlflow_model
 from tasks.serve.serving import ServingLimits
@@ -197,8 +202,9 @@ def validate(run: RunState) -> None:
     settings = run.settings
     run.tracker.log_params(run.parent_id, {
         "source_uri": run.source.uri, "data_version": run.data.version, "calibration_md5": run.data.calibration_md5,
-        "evaluation_md5": run.data.evaluation_md5, "hardware_profile": run.profile.name,
-        "usd_per_hour": run.profile.usd_per_hour, **record.flat("bar", settings.quality_bar.model_dump()),
+        "evaluation_md5": run.data.evaluation_md5,
+        **({"fleet": ",".join(settings.cost.fleet)} if settings.cost.fleet else
+           {"hardware_profile": run.profile.name, "usd_per_hour": run.profile.usd_per_hour}), **record.flat("bar", settings.quality_bar.model_dump()),
         **record.flat("traffic", settings.cost.traffic.model_dump()),
         **record.flat("evaluate", settings.evaluate.model_dump()),
         "candidates": ",".join(c.name for c in settings.quantize.candidates),
@@ -242,7 +248,10 @@ def measure(run: RunState) -> None:
         # Per-row predictions are reused across runs and between the grid and the search.
         run.scores = ResultCache.for_reference(run.work_dir / "results", run.reference, run.host,
                                                settings.evaluate.reuse_scores)
-        run.speed = screen_speed(run.built, run.reference, settings.evaluate, settings.quality_bar)
+        # With a fleet, this host's speed ranks nothing: a graph slower here can be the fastest on another CPU.
+        run.speed = (SpeedScreen(False, "cost.fleet is set: speed is measured on each profile's own machine")
+                     if settings.cost.fleet else screen_speed(run.built, run.reference, settings.evaluate,
+                                                              settings.quality_bar))
         for candidate in run.built:
             if candidate.name in run.speed.deferred:
                 run.measured.append(MeasuredCandidate(candidate, speed_screening=run.speed.deferred[candidate.name]))
@@ -300,6 +309,12 @@ def time_passing(run: RunState) -> None:
         for m in run.measured:  # a rough speed for the record, also for candidates never timed in full
             rates = run.speed.rates.get(m.built.name) or screened.get(m.built.config_hash)
             m.screen_throughput_per_s = float(np.median(rates)) if rates else None
+        if settings.cost.fleet:  # timed on each profile's own machine instead (flows/fleet_steps.py)
+            for m in run.measured:
+                if (m.quality and not m.error and not m.built.is_production and not is_baseline(m.built)
+                        and not passes_quality(m, run.reference, settings.quality_bar)):
+                    m.untimed_because = UNTIMED_FAILING
+            return
         time_all(run.measured, run.reference, settings.evaluate, run.profile, settings.cost.traffic,
                  progress=lambda r, n: log.info("timing round %d/%d", r, n),
                  passes=lambda m: passes_quality(m, run.reference, settings.quality_bar))
@@ -323,7 +338,7 @@ def price_served(run: RunState) -> None:
             to_test = contenders(run.measured, run.decision.winner)
             if all(m.built.name in run.served for m in to_test):
                 break
-            serve_and_price(run.measured, to_test, lambda m: _served_files(m, run.reference, run.production),
+            serve_and_price(run.measured, to_test, lambda m: served_files(m, run.reference, run.production),
                             run.evaluation[TEXT].tolist(), settings.loadtest, settings.serving,
                             slo_ms(settings.loadtest, settings.quality_bar), run.profile, settings.cost.traffic,
                             scratch, run.served)
@@ -344,6 +359,7 @@ def confirm(run: RunState) -> None:
         if blocked:
             decision.promote, decision.summary = False, rollback.kept_summary(blocked)
         run.outcome = ("promoted" if decision.promote else
+                       "not-measured" if run.fleet is not None and not run.fleet["measured_any"] else
                        "not-confirmed" if run.confirmation and not run.confirmation["passed_bar"] else
                        "kept-production" if decision.winner else "no-candidate-passed")
         if run.production_broken and not decision.promote:  # never "kept production" for a model that does not load
@@ -366,7 +382,7 @@ def record_candidates(run: RunState) -> None:
             # Registered now, but the alias moves only after the decision is on record.
             run.promoted_version = tracker.register_winner(
                 run.model_uris[run.winner.built.name],
-                _version_tags(run.winner, run.key, run.source, run.data, parent_id), run.project / ".requant",
+                _version_tags(run.winner, run.key, run.source, run.data, parent_id, run.profile.name), run.project / ".requant",
                 broken={run.production_broken.version} if run.production_broken else set())
 
 
@@ -376,13 +392,14 @@ def record_decision(run: RunState) -> None:
     whose promotion the next run completes or redoes, never an alias without a decision)."""
     settings, decision, measured, tracker = run.settings, run.decision, run.measured, run.tracker
     analysis = analyse(measured, decision, run.profile, time.perf_counter() - run.started,
-                       _priced_from(settings) if run.served else "batched in-process throughput")
+                       _priced_from(settings, run) if run.served else "batched in-process throughput")
     run.table = render_table(candidate_rows(measured, decision))
     alias = settings.registry.promotion_alias()  # production, or challenger with registry.rollout: challenger
     run.decided = {**decision.as_dict(), "outcome": run.outcome, "promoted_version": run.promoted_version,
                    "promoted_alias": alias if run.promoted_version else None,
                    "decision_key": run.key, "serving_model": settings.registry.serving_model_name,
                    "hardware_profile": run.profile.name, "host": run.host, "search": run.search_record,
+                   "fleet": run.fleet,
                    "flow_pid": os.getpid(), "confirmation": run.confirmation,
                    "hard_slice_intents": run.reference.hard_classes,
                    "cost_analysis": analysis.as_dict(), "qat": run.escalation.record(decision),
@@ -394,19 +411,21 @@ def record_decision(run: RunState) -> None:
                    "rows": {"selection": len(run.reference.y_true),
                             "confirmation": len(run.reference.confirmation.y_true) if run.reference.confirmation else 0},
                    "candidates": {m.built.name: candidate_record(m, run.reference) for m in measured}}
-    run.report = "\n\n".join([run.table, render_decision(decision, measured, run.confirmation),
+    run.report = "\n\n".join([*([run.fleet_report] if run.fleet else []),
+                               run.table, render_decision(decision, measured, run.confirmation),
                                "cost analysis:\n" + render_cost(analysis),
                                f"quantization-aware fine-tuning: {run.decided['qat']['outcome']}"])
     with run.clock.phase("track"):
         tracker.log_dict(run.parent_id, run.decided, track.DECISION_FILE)
         tracker.client.log_text(run.parent_id, run.report, "report.txt")
-        summary_md = "\n\n".join([decision_markdown(decision, measured, run.outcome, render_cost(analysis),
+        summary_md = "\n\n".join([*([f"**Instance type:** {run.fleet['choice']['move']}"] if run.fleet else []),
+                                   decision_markdown(decision, measured, run.outcome, render_cost(analysis),
                                                      run.confirmation, run.promoted_version,
                                                      settings.registry.serving_model_name),
                                    qat.render_markdown(run.decided["qat"])])
         tracker.describe_run(run.parent_id, summary_md)
         tracker.client.log_text(run.parent_id, summary_md, DECISION_MARKDOWN)
-        publish_decision(measured, decision, summary_md)
+        publish_decision(measured, decision, summary_md, run.fleet_rows)
         if run.promoted_version:
             tracker.describe_version(run.promoted_version,
                                      record.version_markdown(tracker, run.parent_id, decision, analysis))
@@ -444,13 +463,13 @@ def move_promoted_alias(run: RunState, describe: Callable[[str], None] | None = 
 
 
 def _select(run: RunState):
-    quality = QualityReference(run.reference.quality.accuracy, run.reference.quality.hard_slice_accuracy)
-    return select_winner([for_selection(m, run.reference.y_true) for m in run.measured], quality,
-                         run.settings.quality_bar)
+    return select_measured(run.measured, run.reference, run.settings.quality_bar)
 
 
-def publish_decision(measured: list[MeasuredCandidate], decision, summary_markdown: str) -> None:
-    """The decision as Prefect artifacts on this flow run: the candidate table and the summary."""
+def publish_decision(measured: list[MeasuredCandidate], decision, summary_markdown: str,
+                     fleet_rows: list[dict] | None = None) -> None:
+    """The decision as Prefect artifacts on this flow run: the candidate table, the summary and, with a
+    fleet, one row per (profile, candidate)."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     rows = [{"candidate": name, "verdict": verdict_word(m, decision),
@@ -462,6 +481,8 @@ def publish_decision(measured: list[MeasuredCandidate], decision, summary_markdo
             for m in measured for name, v in [(m.built.name, decision.verdicts[m.built.name])]]
     create_table_artifact(rows, key="requant-candidates", description=f"requant: {decision.summary}")
     create_markdown_artifact(summary_markdown, key="requant-decision", description="requant decision, cost and candidates")
+    if fleet_rows:
+        create_table_artifact(fleet_rows, key="requant-fleet", description="requant: every candidate on every instance type")
 
 
 def _build_all(settings: Settings, reference: Reference, source_digest: str, work_dir: Path) -> list[BuiltCandidate]:
@@ -539,9 +560,10 @@ def _search_mixed(rank_groups_lazily: Callable[[], list[GroupSensitivity]], refe
     return result
 
 
-def _priced_from(settings: Settings) -> str:
+def _priced_from(settings: Settings, run: RunState) -> str:
+    where = f"on {run.profile.name}'s own worker (cost.fleet)" if run.fleet else "on this host"
     return (f"served capacity: requests/s at p95 <= {slo_ms(settings.loadtest, settings.quality_bar):.0f} ms, "
-            f"{settings.loadtest.texts_per_request} text(s) per request, through the served model on this host "
+            f"{settings.loadtest.texts_per_request} text(s) per request, through the served model {where} "
             "(winner, production and FP32 load-tested; the others through the served/batched ratio of the nearest)")
 
 
@@ -559,7 +581,7 @@ def _fetch_production(tracker: Tracker, parent_id: str, work_dir: Path):
         return None, exc
 
 
-def _served_files(m: MeasuredCandidate, reference: Reference, production) -> ServedFiles | str:
+def served_files(m: MeasuredCandidate, reference: Reference, production) -> ServedFiles | str:
     """The files a candidate is served from: production's as downloaded from the registry, a new
     candidate's graph with the reference's tokenizer and card; or why it cannot be served."""
     if m.built.is_production:
@@ -573,8 +595,9 @@ def _served_files(m: MeasuredCandidate, reference: Reference, production) -> Ser
     return ServedFiles(m.built.model_path, reference.serving.tokenizer_dir, card)
 
 
-def _version_tags(winner: MeasuredCandidate, key: str, source, data, parent_id: str) -> dict[str, str]:
+def _version_tags(winner: MeasuredCandidate, key: str, source, data, parent_id: str, instance_type: str) -> dict[str, str]:
     return {
+        track.TAG_INSTANCE_TYPE: instance_type,
         track.TAG_MODEL_SHA256: winner.built.model_sha256, track.TAG_PARENT_RUN: parent_id,
         "requant.precision": winner.built.precision,
         track.TAG_KEY: key, track.TAG_SOURCE_URI: source.uri, track.TAG_SOURCE_VERSION: str(source.version or ""),

@@ -323,6 +323,9 @@ class HardwareProfile(_Section):
     usd_per_hour: float = Field(gt=0, description="On-demand price in USD per hour.")
     cpu_match: str | None = Field(None, description="Regex on the CPU model name; with measured_profile: auto, a host that matches is priced as this profile.")
     description: str = Field("", description="What the machine is (vCPUs, CPU family).")
+    work_pool: str | None = Field(
+        None, description="Prefect work pool whose workers run on this machine type; a profile in cost.fleet is "
+                          "timed and load-tested there (requant fleet deploy puts the measurement on it).")
 
     @field_validator("cpu_match")
     @classmethod
@@ -345,18 +348,43 @@ class TrafficSettings(_Section):
 
 
 class CostSettings(_Section):
-    """Prices and traffic; only the profile measured here is used to rank."""
+    """Prices and traffic. Without a fleet only the profile measured here ranks; with one, every profile
+    in it is measured on its own work pool and the cheapest (candidate, profile) pair wins."""
 
     measured_profile: str = Field("auto", description="The profile this host stands for ('auto': the first whose cpu_match matches).")
     hardware_profiles: list[HardwareProfile] = Field(min_length=1, description="Known machine types and prices.")
     traffic: TrafficSettings
+    fleet: list[str] = Field(
+        default_factory=list,
+        description="Profiles to price every candidate on, each timed and load-tested by a worker of its work_pool; "
+                    "the cheapest (candidate, profile) pair that passes wins. Empty: only this host's profile.")
+    fleet_timeout_minutes: float = Field(
+        30, gt=0, description="How long one profile's measurement may take, waiting for its worker included; "
+                              "past it the profile is listed as not measured.")
+    fleet_parallel: bool = Field(
+        False, description="Measure the fleet's profiles at once. Keep false when pools share a host (the emulated "
+                           "stack): two measurements on the same cores would each measure the other's load.")
 
     @model_validator(mode="after")
     def _measured_profile_known(self) -> "CostSettings":
         names = [p.name for p in self.hardware_profiles]
         if self.measured_profile != "auto" and self.measured_profile not in names:
             raise ValueError(f"measured_profile '{self.measured_profile}' is not 'auto' or one of hardware_profiles: {names}")
+        for name in self.fleet:
+            profile = next((p for p in self.hardware_profiles if p.name == name), None)
+            if profile is None:
+                raise ValueError(f"fleet names '{name}', which is not one of hardware_profiles: {names}")
+            if not profile.work_pool:
+                raise ValueError(f"fleet profile '{name}' has no work_pool: give it the Prefect work pool whose "
+                                 "workers run on that machine type")
+        if len(set(self.fleet)) != len(self.fleet):
+            raise ValueError(f"fleet lists a profile twice: {self.fleet}")
         return self
+
+    def fleet_profiles(self) -> list[HardwareProfile]:
+        """The fleet's profiles, in the order cost.fleet lists them (ties between equal prices go to the first)."""
+        by_name = {p.name: p for p in self.hardware_profiles}
+        return [by_name[name] for name in self.fleet]
 
     def host_profile(self, cpu_model: str) -> HardwareProfile:
         """The profile benchmarks on this host are priced on.

@@ -16,7 +16,7 @@ from tasks.build.reference import Reference
 from tasks.config.settings import EvaluateSettings, QualityBar, Settings
 from tasks.core.errors import RequantError
 from tasks.core.hashing import sha256_of
-from tasks.decide.selection import Candidate, Decision, judge
+from tasks.decide.selection import Candidate, Decision, judge, select
 from tasks.decide.selection import Reference as QualityReference
 from tasks.evaluate.candidates import MeasuredCandidate, confirm
 from tasks.evaluate.speed import SpeedScreen
@@ -104,6 +104,12 @@ def candidate_record(m: MeasuredCandidate, reference: Reference) -> dict:
             # Per-round rates in round order: the paired speed comparison can be re-checked from the record.
             "throughput_rounds_per_s": list(m.speed.throughput_rounds) if m.speed else [],
             **m.metrics(reference)}
+
+
+def select_measured(measured: list[MeasuredCandidate], reference: Reference, bar: QualityBar) -> Decision:
+    """Selection (tasks/decide/selection.py) over measured candidates, against the FP32 reference."""
+    quality = QualityReference(reference.quality.accuracy, reference.quality.hard_slice_accuracy)
+    return select([for_selection(m, reference.y_true) for m in measured], quality, bar)
 
 
 def for_selection(measured: MeasuredCandidate, y_true: np.ndarray | None = None) -> Candidate:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from tasks.config.settings import (
@@ -27,7 +27,7 @@ from tasks.config.settings import (
 from tasks.measure.cost import CostEstimate, monthly_cost
 from tasks.measure.loadtest import run_ramp
 from tasks.recipes.base import is_baseline
-from tasks.serve.front import served_fronts
+from tasks.serve.front import ServedFiles, served_fronts
 
 log = logging.getLogger("requant")
 
@@ -64,6 +64,11 @@ class ServedCapacity:
     def as_dict(self) -> dict:
         """Plain dict for the decision record."""
         return {**asdict(self), "sentences_per_s": self.sentences_per_s}
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "ServedCapacity":
+        """Read back `as_dict` (a fleet worker's answer)."""
+        return cls(**{f.name: record[f.name] for f in fields(cls) if f.name in record})
 
 
 @dataclass(frozen=True)
@@ -194,33 +199,45 @@ def reprice(measured: list, to_test: list, files_of, texts: list[str], loadtest:
     Args:
         files_of: candidate -> its ServedFiles, or a str saying why it cannot be served.
     """
+    timed = {m.built.name: m for m in measured if m.speed is not None and m.cost is not None and not m.error}
+    batched = {name: m.speed.throughput_low_per_s for name, m in timed.items()}
     pending = [m for m in to_test if m.built.name not in served]
-    files = {m.built.name: files_of(m) for m in pending}
-    for name, why in files.items():
+    measure_served([(m.built.name, files_of(m)) for m in pending], batched, texts, loadtest, serving, target_ms,
+                   work_dir, served)
+    for name, (price, cost) in price_all(batched, served, profile, traffic).items():
+        m = timed[name]
+        m.batched_cost = m.batched_cost or m.cost
+        m.served_price, m.cost = price, cost
+    return served
+
+
+def measure_served(pending: list[tuple[str, ServedFiles | str]], batched: dict[str, float], texts: list[str],
+                   loadtest: LoadtestSettings, serving: ServingSettings, target_ms: float, work_dir: Path,
+                   served: dict[str, ServedCapacity], threads: int = 0) -> dict[str, ServedCapacity]:
+    """Serve each (name, files) of `pending` and find its capacity, into `served` (returned).
+
+    A str in place of files says why that model cannot be served; it is recorded as unmeasured.
+    `batched` (name -> batched texts/s) sets where each ramp starts; `threads` are the served
+    model's ONNX Runtime threads (0: one per core).
+    """
+    for name, why in pending:
         if isinstance(why, str):
             served[name] = unmeasured(loadtest, why)
             log_capacity(name, served[name], target_ms)
-    servable = [m for m in pending if not isinstance(files[m.built.name], str)]
+    servable = [(name, files) for name, files in pending if not isinstance(files, str)]
     # Their servers start together (start-up is most of a short measurement), then are loaded one at a time.
-    with served_fronts([files[m.built.name] for m in servable], loadtest.server_start_timeout_s) as fronts:
-        for m, front in zip(servable, fronts):
-            name = m.built.name
+    with served_fronts([files for _, files in servable], loadtest.server_start_timeout_s, threads) as fronts:
+        for (name, _), front in zip(servable, fronts):
             if isinstance(front, Exception):
                 served[name] = unmeasured(loadtest, str(front))
             else:
                 # Expected: its batched rate times the served/batched ratio already measured in this run
                 # (the front's per-request cost is much the same for every graph), else the batched rate.
-                ratios = [c.sentences_per_s / other.speed.throughput_low_per_s for other in measured
-                          if (c := served.get(other.built.name)) and not c.error and other.speed]
+                ratios = [c.sentences_per_s / batched[other] for other, c in served.items()
+                          if not c.error and batched.get(other)]
                 ratio = sorted(ratios)[len(ratios) // 2] if ratios else 1.0
-                expected = ratio * m.speed.throughput_low_per_s / loadtest.texts_per_request
+                expected = ratio * batched.get(name, 0.0) / loadtest.texts_per_request
                 served[name] = measure_capacity(*front, texts, loadtest, serving, target_ms, expected,
                                                 work_dir / f"served-{len(served)}")
             log_capacity(name, served[name], target_ms)
-    timed = {m.built.name: m for m in measured if m.speed is not None and m.cost is not None and not m.error}
-    batched = {name: m.speed.throughput_low_per_s for name, m in timed.items()}
-    for name, (price, cost) in price_all(batched, served, profile, traffic).items():
-        m = timed[name]
-        m.batched_cost = m.batched_cost or m.cost
-        m.served_price, m.cost = price, cost
     return served

@@ -12,6 +12,7 @@ __all__ = [
     "TAG_DATA_VERSION",
     "TAG_ACCURACY",
     "TAG_MONTHLY_COST",
+    "TAG_INSTANCE_TYPE",
     "TAG_FAILURE",
     "TAG_PRODUCTION_BROKEN",
     "TAG_MODEL_SHA256",
@@ -43,6 +44,8 @@ TAG_CONFIG_HASH = "requant.config_hash"
 TAG_DATA_VERSION = "requant.data_version"
 TAG_ACCURACY = "requant.accuracy"
 TAG_MONTHLY_COST = "requant.monthly_cost_usd"
+# The hardware profile (instance type) a version was priced on: where it should be served.
+TAG_INSTANCE_TYPE = "requant.instance_type"
 TAG_FAILURE = "requant.failure"
 # Why the version behind the production alias did not load from the registry as the served model.
 TAG_PRODUCTION_BROKEN = "requant.production_broken"

@@ -1,0 +1,49 @@
+"""The fleet in the report: one candidate table per profile, the profiles not measured and why, and
+where serving moves."""
+
+from __future__ import annotations
+
+from tasks.decide.report import candidate_rows, render_table
+from tasks.fleet.choice import FleetChoice, ProfileOutcome
+
+
+def profile_heading(outcome: ProfileOutcome) -> str:
+    """`name ($/h, pool): CPU, cores` or `name: not measured (why)`."""
+    p = outcome.profile
+    head = f"{p.name} (${p.usd_per_hour}/h, work pool {p.work_pool})"
+    if not outcome.measured:
+        return f"{head}: NOT MEASURED, never ranked: {outcome.not_measured_because}"
+    host = outcome.measurement.host
+    return (f"{head}: {host.get('cpu_model')}, {host.get('cores_available')} core(s), onnxruntime "
+            f"{host.get('onnxruntime')}; measured in {outcome.measurement.seconds:.0f} s; its own decision: "
+            f"{outcome.decision.summary}")
+
+
+def render_fleet(outcomes: list[ProfileOutcome], choice: FleetChoice) -> str:
+    """Text for report.txt: the choice and the move first, then each profile's table."""
+    parts = [f"instance type: {choice.move}", f"fleet decision: {choice.summary}"]
+    for outcome in outcomes:
+        parts.append(profile_heading(outcome))
+        if outcome.measured:
+            parts.append(render_table(candidate_rows(outcome.candidates, outcome.decision)))
+    return "\n\n".join(parts)
+
+
+def fleet_rows(outcomes: list[ProfileOutcome]) -> list[dict]:
+    """One row per (profile, candidate) for the Prefect table artifact, the profile a column."""
+    rows = []
+    for o in outcomes:
+        if not o.measured:
+            rows.append({"profile": o.profile.name, "candidate": None, "verdict": "not measured",
+                         "usd_per_month": None, "priced_per_s": None, "reason": o.not_measured_because})
+            continue
+        for m in o.candidates:
+            verdict = o.decision.verdicts[m.built.name]
+            rows.append({"profile": o.profile.name, "candidate": m.built.name,
+                         "verdict": "winner" if m.built.name == o.decision.winner else
+                         "pass" if verdict.passed_bar else "fail",
+                         "usd_per_month": m.cost.monthly_cost_usd if m.cost else None,
+                         "priced_per_s": round(m.served_price.sentences_per_s if m.served_price else
+                                               m.speed.throughput_low_per_s) if m.speed else None,
+                         "reason": verdict.reason})
+    return rows
