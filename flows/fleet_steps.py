@@ -13,11 +13,10 @@ import shutil
 
 from flows.fleet import measure_fleet
 from flows.run_state import RunState
-from flows.steps import served_files
 from tasks import track
 from tasks.data.prepare import TEXT
 from tasks.decide.decision import passes_quality, select_measured
-from tasks.evaluate.candidates import MeasuredCandidate
+from tasks.evaluate.candidates import MeasuredCandidate, files_to_serve
 from tasks.fleet.choice import ProfileOutcome, choose_pair, decide_on_profile, priced_on
 from tasks.fleet.report import fleet_rows, render_fleet
 from tasks.fleet.request import MeasurementRequest, RequestedCandidate, write_request
@@ -36,7 +35,7 @@ def price_on_fleet(run: RunState) -> None:
         sent = [m for m in run.measured if _to_measure(m, run)]
         request = MeasurementRequest(
             run_id=run.parent_id,
-            candidates=[_requested(m, served_files(m, run.reference, run.production), run) for m in sent],
+            candidates=[_requested(m, files_to_serve(m, run.reference, run.production), run) for m in sent],
             evaluate=settings.evaluate.model_dump(mode="json"), loadtest=settings.loadtest.model_dump(mode="json"),
             serving=settings.serving.model_dump(mode="json"), traffic=settings.cost.traffic.model_dump(mode="json"),
             target_ms=slo_ms(settings.loadtest, settings.quality_bar), price_from=settings.serving.price_from,

@@ -11,7 +11,7 @@ from contextlib import ExitStack, nullcontext
 
 from prefect import flow
 
-from flows import decoder_steps, fleet_steps, steps
+from flows import decoder_steps, steps
 from flows.run_state import RunSummary
 from tasks.core import interrupts
 
@@ -55,11 +55,8 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
         steps.bring_back(run)
         steps.escalate(run)
         steps.time_passing(run)
-        if run.settings.cost.fleet:  # each instance type measured by its own pool's worker; the cheapest pair
-            fleet_steps.price_on_fleet(run)
-        else:
-            steps.select(run)
-            steps.price_served(run)
+        steps.select(run)
+        steps.price_served(run)
         steps.confirm(run)
         steps.record_candidates(run)
         steps.record_decision(run)

@@ -25,7 +25,7 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from flows import record
+from flows import fleet_steps, record
 from flows.run_state import PhaseClock, RunState, RunSummary
 from tasks import track
 from tasks.build.candidates import BuiltCandidate, build_candidate
@@ -65,6 +65,7 @@ from tasks.evaluate.candidates import (
     UNTIMED_FAILING,
     MeasuredCandidate,
     compare_with_production,
+    files_to_serve,
     score_candidate,
     time_candidates,
 )
@@ -88,7 +89,6 @@ from tasks.recipes.base import (
     runtime_versions,
 )
 from tasks.serve import rollback
-from tasks.serve.front import ServedFiles, files_of_mlflow_model
 from tasks.serve.serving import ServingLimits
 from tasks.track import Tracker
 from tasks.train import qat
@@ -321,7 +321,11 @@ def time_passing(run: RunState) -> None:
 
 
 def select(run: RunState) -> None:
-    """The cheapest candidate that meets the bar, with speeds compared beyond their noise."""
+    """The cheapest candidate that meets the bar, with speeds compared beyond their noise; with cost.fleet,
+    the cheapest (candidate, profile) pair, each profile measured by its own pool's worker."""
+    if run.settings.cost.fleet:
+        fleet_steps.price_on_fleet(run)
+        return
     with run.clock.phase("select"):
         run.decision = _select(run)
 
@@ -330,7 +334,7 @@ def price_served(run: RunState) -> None:
     """Served capacity of the winner, production and FP32 (the rest through their served/batched
     ratio); a different winner on served prices is served too, once."""
     settings = run.settings
-    if settings.serving.price_from != "served":
+    if settings.serving.price_from != "served" or run.fleet is not None:  # a fleet's workers served their own
         return
     scratch = run.work_dir / "served" / run.parent_id  # the load driver's scratch files
     with run.clock.phase("serve"):
@@ -338,7 +342,7 @@ def price_served(run: RunState) -> None:
             to_test = contenders(run.measured, run.decision.winner)
             if all(m.built.name in run.served for m in to_test):
                 break
-            serve_and_price(run.measured, to_test, lambda m: served_files(m, run.reference, run.production),
+            serve_and_price(run.measured, to_test, lambda m: files_to_serve(m, run.reference, run.production),
                             run.evaluation[TEXT].tolist(), settings.loadtest, settings.serving,
                             slo_ms(settings.loadtest, settings.quality_bar), run.profile, settings.cost.traffic,
                             scratch, run.served)
@@ -579,20 +583,6 @@ def _fetch_production(tracker: Tracker, parent_id: str, work_dir: Path):
         log.error("%s; it is not kept: a passing winner replaces it", exc)
         tracker.set_tags(parent_id, {track.TAG_PRODUCTION_BROKEN: str(exc)[:5000]})
         return None, exc
-
-
-def served_files(m: MeasuredCandidate, reference: Reference, production) -> ServedFiles | str:
-    """The files a candidate is served from: production's as downloaded from the registry, a new
-    candidate's graph with the reference's tokenizer and card; or why it cannot be served."""
-    if m.built.is_production:
-        if production is None or production.model_dir is None:
-            return "production is a plain ONNX version, not a text-in serving model"
-        return files_of_mlflow_model(production.model_dir)
-    if reference.serving is None:
-        return "this model family has no text-in serving model"
-    # Beside the source model's tokenizer: each source model has its own labels (runs may overlap).
-    card = reference.serving.write_card(reference.serving.tokenizer_dir.parent / "served-classifier.json")
-    return ServedFiles(m.built.model_path, reference.serving.tokenizer_dir, card)
 
 
 def _version_tags(winner: MeasuredCandidate, key: str, source, data, parent_id: str, instance_type: str) -> dict[str, str]:

@@ -13,7 +13,7 @@ from tests.import_graph import ROOT, cycles, read_graph
 
 # Lowest first: a package of tasks/ imports only itself and the packages before it (tasks/__init__.py).
 ORDER = ["core", "recipes", "config", "data", "models", "serve", "track", "measure", "build", "evaluate", "decide",
-         "train"]
+         "fleet", "train"]
 # The served models' own code: MLflow executes it when loading a logged model (tasks/serve/*_pyfunc.py).
 SERVED_MODEL_CODE = {"tasks.serve.serving_pyfunc", "tasks.serve.generation_pyfunc"}
 

@@ -41,6 +41,8 @@ from tasks.measure.timing import (
 )
 from tasks.models.graph import file_size_mb, onnx_session
 from tasks.recipes.base import is_baseline
+from tasks.serve.front import ServedFiles, files_of_mlflow_model
+from tasks.track import ProductionVersion
 
 log = logging.getLogger("requant")
 
@@ -330,3 +332,17 @@ def confirm(measured: MeasuredCandidate, reference: Reference, bar: QualityBar, 
     if reference.confirmation is None or measured.built.model_path is None:
         return
     measured.confirmation, _ = score_on_rows(measured.built.model_path, reference.confirmation, bar, threads)
+
+
+def files_to_serve(m: MeasuredCandidate, reference: Reference, production: ProductionVersion | None) -> ServedFiles | str:
+    """The files a candidate is served from: production's as downloaded from the registry, a new
+    candidate's graph with the reference's tokenizer and card; or why it cannot be served."""
+    if m.built.is_production:
+        if production is None or production.model_dir is None:
+            return "production is a plain ONNX version, not a text-in serving model"
+        return files_of_mlflow_model(production.model_dir)
+    if reference.serving is None:
+        return "this model family has no text-in serving model"
+    # Beside the source model's tokenizer: each source model has its own labels (runs may overlap).
+    card = reference.serving.write_card(reference.serving.tokenizer_dir.parent / "served-classifier.json")
+    return ServedFiles(m.built.model_path, reference.serving.tokenizer_dir, card)
