@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--work-dir", default=None,
                      help="Where exported graphs and candidates are built and reused (default: PROJECT/models/work).")
     run.add_argument("--json", action="store_true", help="Print the run summary as JSON instead of the table.")
+    run.add_argument("--fleet", default=None, help="Comma-separated profiles to price on, each measured by a worker of "
+                                                  "its work_pool (overrides cost.fleet; needs PREFECT_API_URL).")
 
     status = sub.add_parser("status", help="Show the production model and the last decision.")
     status.add_argument("--params", default="params.yaml")
@@ -201,9 +203,20 @@ def _train(args) -> int:
 
 
 def _run(args) -> int:
+    import os
+
     from tasks.config.loading import load_settings
+    from tasks.core.errors import RequantError
 
     settings = load_settings(args.params)  # fail on a bad params.yaml before any server starts
+    fleet = [name.strip() for name in args.fleet.split(",") if name.strip()] if args.fleet is not None else None
+    if fleet is not None:
+        from tasks.config.loading import with_fleet
+
+        settings = with_fleet(settings, fleet)
+    if settings.cost.fleet and not os.environ.get("PREFECT_API_URL"):
+        raise RequantError("cost.fleet needs a Prefect server that the pools' workers reach: export PREFECT_API_URL "
+                           "(after `make stack`: source .stack/env)")
     from tasks.build.preflight import check_run_inputs
 
     check_run_inputs(settings, args.model)  # and on a wrong model path or data file
@@ -212,7 +225,7 @@ def _run(args) -> int:
     require_prefect_api()
     with runtime.prefect_api():  # a temporary server, if none is configured, starts while libraries load
         summary = requantize_for(settings)(params_path=args.params, model_uri=args.model, project_dir=args.project,
-                                           force=args.force, work_dir=args.work_dir)
+                                           force=args.force, work_dir=args.work_dir, fleet=fleet)
     if args.json:
         print(json.dumps(summary.__dict__, indent=2, default=str))
         return 0

@@ -15,10 +15,10 @@ from flows.requantize import RunSummary
 
 @flow(name="requantize", log_prints=False)
 def requantize(params_path: str = "params.yaml", model_uri: str | None = None, project_dir: str | None = None,
-               force: bool = False) -> RunSummary:
+               force: bool = False, fleet: list[str] | None = None) -> RunSummary:
     """Requantize with the task runner params.yaml asks for; the arguments are requantize's own."""
     from flows.runners import requantize_for
     from tasks.config.loading import load_settings
 
     return requantize_for(load_settings(params_path))(params_path=params_path, model_uri=model_uri,
-                                                      project_dir=project_dir, force=force)
+                                                      project_dir=project_dir, force=force, fleet=fleet)

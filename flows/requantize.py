@@ -20,7 +20,7 @@ __all__ = ["RunSummary", "requantize"]
 
 @flow(name="requantize", log_prints=False)
 def requantize(params_path: str = "params.yaml", model_uri: str | None = None, project_dir: str | None = None,
-               force: bool = False, work_dir: str | None = None) -> RunSummary:
+               force: bool = False, work_dir: str | None = None, fleet: list[str] | None = None) -> RunSummary:
     """Requantize a model version at every configured precision and promote the cheapest that meets the bar.
 
     Args:
@@ -31,11 +31,12 @@ def requantize(params_path: str = "params.yaml", model_uri: str | None = None, p
         force: decide again even if this (model, data, params) was already decided.
         work_dir: where exported graphs and candidates are built (content-addressed, reused
             across runs); default: PROJECT/models/work.
+        fleet: profiles to price on, each measured by a worker of its work pool (overrides cost.fleet).
     """
     # Prefect installed its SIGTERM handler for this flow run: chain ours in front of it, so the
     # phase is recorded and the run ends KILLED with the reason (tasks/core/interrupts.py).
     interrupts.install()
-    run = steps.open_run(params_path, model_uri, project_dir, force, work_dir)
+    run = steps.open_run(params_path, model_uri, project_dir, force, work_dir, fleet)
     # The parent run opens before anything can fail, so every failure is a FAILED run with its reason.
     # `held` is entered first so that its locks are released only after the run is marked FINISHED.
     with ExitStack() as run.held, run.tracker.parent_run("requantize", steps.parent_run_tags(run)) as run.parent_id, \

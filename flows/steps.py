@@ -31,7 +31,7 @@ from tasks import track
 from tasks.build.candidates import BuiltCandidate, build_candidate
 from tasks.build.preflight import check_data_for
 from tasks.build.reference import Reference, prepare_reference
-from tasks.config.loading import load_settings
+from tasks.config.loading import load_settings, with_fleet
 from tasks.config.search_space import expand_all
 from tasks.config.settings import CandidateSpec, Settings
 from tasks.core.errors import RequantError
@@ -130,11 +130,13 @@ serve_and_price = task(reprice, name="served-capacity", cache_policy=NO_CACHE)
 
 
 def open_run(params_path: str, model_uri: str | None, project_dir: str | None, force: bool,
-             work_dir: str | None) -> RunState:
+             work_dir: str | None, fleet: list[str] | None = None) -> RunState:
     """Settings, project, tracker, host and its price profile: everything needed before the parent run opens."""
     clock, started = PhaseClock(), time.perf_counter()
     with clock.phase("setup"):
         settings = load_settings(params_path)
+        if fleet is not None:
+            settings = with_fleet(settings, fleet)
         project = Path(project_dir or Path(params_path).resolve().parent).resolve()
         tracker = Tracker(settings.registry)
         host = cpu_info()

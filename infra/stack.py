@@ -8,6 +8,9 @@ The same services as infra/docker-compose.yml, with the same variables and permi
     prefect-server  Prefect API on PostgreSQL, API basic auth (PREFECT_AUTH_STRING)
     dask-scheduler, dask-worker-1, dask-worker-2   a Dask cluster (one thread per worker)
     prefect-worker  a worker of the process pool requant-pool; the deployment comes from prefect.yaml
+    fleet-worker-1core, fleet-worker-2core   workers of the pools requant-1core and requant-2core, under
+                    CPU affinity (taskset: CPU 0; CPUs 0-1): two instance sizes emulated on this host for
+                    cost.fleet (params.yaml's emulated-1core and emulated-2core profiles)
     webhook-receiver   requant's MLflow webhook -> Prefect event bridge
 
 Everything lives under a state folder (default `.stack/`, git-ignored): `secrets.env` (generated
@@ -49,7 +52,13 @@ ZOMBIE_AFTER_S = 75
 PORTS = ("postgres", "s3", "mlflow", "prefect", "dask", "dask-dashboard", "receiver")
 # Start order; `down` stops in reverse.
 SERVICES = ("postgres", "s3", "mlflow", "prefect-server", "dask-scheduler", "dask-worker-1", "dask-worker-2",
-            "prefect-worker", "webhook-receiver")
+            "prefect-worker", "fleet-worker-1core", "fleet-worker-2core", "webhook-receiver")
+# The fleet's emulated instance types: service -> (work pool, CPUs it may run on). The pools are those of
+# params.yaml's emulated-1core and emulated-2core profiles; on real instances, run one worker of each
+# pool on a machine of that type instead (docs/operations.md, "Pricing on a fleet").
+FLEET_WORKERS = {"fleet-worker-1core": ("requant-1core", "0"), "fleet-worker-2core": ("requant-2core", "0,1")}
+# Fleet workers beat every 10 s: the flow gives up on one silent for three beats (flows/fleet.py).
+FLEET_HEARTBEAT_S = 10
 SECRET_NAMES = ("MLFLOW_DB_PASSWORD", "PREFECT_DB_PASSWORD", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY",
                 "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY", "S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY", "PREFECT_AUTH_STRING",
                 "REQUANT_MLFLOW_PASSWORD", "REQUANT_WEBHOOK_SECRET")
@@ -461,20 +470,36 @@ def start_worker(stack: Stack) -> None:
             env, cwd=code)
 
 
-def _wait_worker(stack: Stack, timeout_s: float = 120) -> None:
+def start_fleet_worker(stack: Stack, service: str) -> None:
+    """A worker of one fleet pool under its CPU affinity; its flow runs (and the models they serve) inherit it."""
+    code = Path(stack.config()["code"])
+    pool, cpus = FLEET_WORKERS[service]
+    env = {**_prefect_env(stack, code), "REQUANT_PROJECT_DIR": str(code),
+           "PREFECT_WORKER_HEARTBEAT_SECONDS": str(FLEET_HEARTBEAT_S)}
+    _launch(stack, service, ["taskset", "-c", cpus, str(BIN / "prefect"), "worker", "start", "--pool", pool,
+                             "--type", "process"], env, cwd=code)
+
+
+def _setup_fleet(stack: Stack, code: Path, params: Path) -> None:
+    """The fleet pools and the measurement deployment on each (`requant fleet-deploy`)."""
+    _run([str(BIN / "requant"), "fleet-deploy", "--params", str(params), "--code", str(code)],
+         env=_prefect_env(stack, code), cwd=code, what="requant fleet-deploy")
+
+
+def _wait_worker(stack: Stack, service: str = "prefect-worker", pool: str = POOL, timeout_s: float = 120) -> None:
     import httpx
 
     u, s = urls(stack.ports()), stack.secrets()
     user, _, password = s["PREFECT_AUTH_STRING"].partition(":")
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if not stack.pid("prefect-worker"):
-            raise StackError(f"prefect-worker exited; its log:\n{_log_tail(stack, 'prefect-worker')}")
-        workers = httpx.post(f"{u['prefect']}/work_pools/{POOL}/workers/filter", json={}, auth=(user, password), timeout=10)
+        if not stack.pid(service):
+            raise StackError(f"{service} exited; its log:\n{_log_tail(stack, service)}")
+        workers = httpx.post(f"{u['prefect']}/work_pools/{pool}/workers/filter", json={}, auth=(user, password), timeout=10)
         if workers.status_code == 200 and any(w.get("status") == "ONLINE" for w in workers.json()):
             return
         time.sleep(1)
-    raise StackError(f"prefect-worker did not come online in {timeout_s:.0f} s; its log:\n{_log_tail(stack, 'prefect-worker')}")
+    raise StackError(f"{service} did not come online in {timeout_s:.0f} s; its log:\n{_log_tail(stack, service)}")
 
 
 def _start_dask(stack: Stack, code: Path) -> None:
@@ -570,7 +595,11 @@ def up(stack: Stack, project: Path, code: Path) -> dict[str, float]:
     step("prefect", lambda: _setup_prefect(stack, code, prefect_file))
     start_worker(stack)
     _start_receiver(stack, code)
+    step("fleet", lambda: _setup_fleet(stack, code, params))
+    for service in FLEET_WORKERS:
+        start_fleet_worker(stack, service)
     step("worker", lambda: _wait_worker(stack))
+    step("fleet-workers", lambda: [_wait_worker(stack, service, pool) for service, (pool, _) in FLEET_WORKERS.items()])
     step("webhook", lambda: _register_webhook(stack, code, params))
     step("dvc-remote", lambda: _dvc_remote(stack, project))
     _write_env(stack.state / "env", client_env(stack), mode=0o600, export=True)
@@ -598,17 +627,21 @@ def restart(stack: Stack, service: str) -> None:
     elif service == "prefect-worker":
         start_worker(stack)
         _wait_worker(stack)
+    elif service in FLEET_WORKERS:
+        start_fleet_worker(stack, service)
+        _wait_worker(stack, service, FLEET_WORKERS[service][0])
     elif service == "webhook-receiver":
         _start_receiver(stack, code)
         _wait_http(stack, "webhook-receiver", urls(stack.ports())["receiver"], 60)
     else:
-        raise StackError(f"restart supports mlflow, prefect-worker and webhook-receiver, not {service}")
+        raise StackError(f"restart supports mlflow, prefect-worker, {', '.join(FLEET_WORKERS)} and webhook-receiver, "
+                         f"not {service}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="infra/stack.sh", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["up", "down", "status", "restart", "env", "_zombie-automation"])
-    parser.add_argument("service", nargs="?", help="restart: mlflow, prefect-worker or webhook-receiver")
+    parser.add_argument("service", nargs="?", help="restart: mlflow, prefect-worker, a fleet worker or webhook-receiver")
     parser.add_argument("--state", default=os.environ.get("STACK_STATE", str(REPO / ".stack")),
                         help="State folder (default .stack/ in the checkout, or $STACK_STATE).")
     parser.add_argument("--project", default=None,

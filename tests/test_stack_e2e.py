@@ -224,6 +224,15 @@ def test_nightly_schedule_and_concurrency_limit_are_on_the_server(stack):
     assert any(w["status"] == "ONLINE" for w in workers), workers
 
 
+def test_the_fleet_pools_have_a_worker_each_under_its_cpu_affinity_and_the_measurement_deployed(stack):
+    for service, pool, cpus in (("fleet-worker-1core", "requant-1core", {0}), ("fleet-worker-2core", "requant-2core", {0, 1})):
+        workers = stack.prefect.post(f"/work_pools/{pool}/workers/filter", json={}).json()
+        assert any(w["status"] == "ONLINE" for w in workers), (workers, stack.log(service))
+        assert set(psutil.Process(stack.pid(service)).cpu_affinity()) == cpus
+        deployment = stack.prefect.get(f"/deployments/name/measure-profile/measure-emulated-{service.split('-')[-1]}").json()
+        assert deployment["work_pool_name"] == pool, deployment
+
+
 def test_new_source_version_fires_the_webhook_and_the_worker_moves_the_alias(stack, tracker, tiny_model_folder):
     start = time.monotonic()
     version = register_source(tracker, tiny_model_folder)

@@ -90,3 +90,17 @@ def _absolute_mirror(mirror_url: str | None, base: Path) -> str | None:
 
 def _absolute(path: Path, base: Path) -> Path:
     return path if path.is_absolute() else (base / path).resolve()
+
+
+def with_fleet(settings: Settings, fleet: list[str]) -> Settings:
+    """`settings` with cost.fleet replaced (`requant run --fleet`), checked as params.yaml's would be.
+
+    Raises:
+        SettingsError: a name is not a profile, or its profile has no work_pool.
+    """
+    try:
+        cost = type(settings.cost).model_validate({**settings.cost.model_dump(), "fleet": fleet})
+    except ValidationError as exc:
+        raise SettingsError(f"--fleet {','.join(fleet)}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}; "
+                            "name profiles of cost.hardware_profiles that have a work_pool") from None
+    return settings.model_copy(update={"cost": cost})

@@ -15,7 +15,8 @@ def profile_heading(outcome: ProfileOutcome) -> str:
         return f"{head}: NOT MEASURED, never ranked: {outcome.not_measured_because}"
     host = outcome.measurement.host
     return (f"{head}: {host.get('cpu_model')}, {host.get('cores_available')} core(s), onnxruntime "
-            f"{host.get('onnxruntime')}; measured in {outcome.measurement.seconds:.0f} s; its own decision: "
+            f"{host.get('onnxruntime')}; measured in {outcome.measurement.seconds:.0f} s ({outcome.wall_seconds:.0f} s "
+            f"from dispatch to answer); its own decision: "
             f"{outcome.decision.summary}")
 
 
