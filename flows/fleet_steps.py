@@ -66,6 +66,7 @@ def price_on_fleet(run: RunState) -> None:
             run.decision.summary = f"no instance type chosen: {choice.summary}"
         run.fleet = {"profiles": [o.as_dict() for o in outcomes], "choice": choice.as_dict(),
                      "request": str(path), "measured_any": any(o.measured for o in outcomes)}
+        run.fleet_outcomes, run.fleet_choice = outcomes, choice
         run.fleet_report = render_fleet(outcomes, choice)
         run.fleet_rows = fleet_rows(outcomes)
     run.tracker.set_tags(run.parent_id, {
@@ -95,3 +96,18 @@ def _requested(m: MeasuredCandidate, files, run: RunState) -> RequestedCandidate
         return RequestedCandidate(**common, unservable_because=files)
     return RequestedCandidate(**common, served={"onnx_model": str(files.onnx_model), "tokenizer": str(files.tokenizer),
                                                 "card": str(files.card), "kind": files.kind})
+
+
+def production_stays(run: RunState) -> None:
+    """The chosen pair's candidate is not promoted (not confirmed, rolled back, or production itself):
+    production keeps serving, so where it goes is production's own cheapest pair, not the winner's."""
+    production = next((m.built.name for m in run.measured if m.built.is_production), None)
+    if run.fleet is None or production is None:
+        return
+    choice = choose_pair(run.fleet_outcomes, run.fleet_choice.incumbent, candidate=production)
+    run.fleet["choice"]["production"] = choice.as_dict()
+    run.fleet["choice"]["move"] = choice.move
+    run.fleet_choice.production_move = choice.move
+    run.fleet_report = render_fleet(run.fleet_outcomes, run.fleet_choice)
+    run.tracker.set_tags(run.parent_id, {"requant.fleet_move": choice.move})
+    log.info("fleet: nothing replaces production: %s (%s)", choice.move, choice.summary)

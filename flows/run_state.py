@@ -102,6 +102,8 @@ class RunState:
     served: dict[str, ServedCapacity] = field(default_factory=dict)
     # cost.fleet (flows/fleet_steps.py): every profile's figures and the chosen pair, the report's part, the artifact's rows
     fleet: dict | None = None
+    fleet_outcomes: list = field(default_factory=list)  # tasks.fleet.choice.ProfileOutcome
+    fleet_choice: Any = None  # tasks.fleet.choice.FleetChoice
     fleet_report: str = ""
     fleet_rows: list[dict] = field(default_factory=list)
     winner: MeasuredCandidate | None = None

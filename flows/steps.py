@@ -368,6 +368,8 @@ def confirm(run: RunState) -> None:
                        "not-measured" if run.fleet is not None and not run.fleet["measured_any"] else
                        "not-confirmed" if run.confirmation and not run.confirmation["passed_bar"] else
                        "kept-production" if decision.winner else "no-candidate-passed")
+        if run.fleet is not None and not decision.promote:
+            fleet_steps.production_stays(run)
         if run.production_broken and not decision.promote:  # never "kept production" for a model that does not load
             raise RequantError(f"{run.production_broken}, and no candidate replaces it ({decision.summary}): move "
                                "the production alias to a version that loads (requant rollback --to VERSION)")
@@ -417,8 +419,9 @@ def record_decision(run: RunState) -> None:
                    "rows": {"selection": len(run.reference.y_true),
                             "confirmation": len(run.reference.confirmation.y_true) if run.reference.confirmation else 0},
                    "candidates": {m.built.name: candidate_record(m, run.reference) for m in measured}}
-    run.report = "\n\n".join([*([run.fleet_report] if run.fleet else []),
-                               run.table, render_decision(decision, measured, run.confirmation),
+    # With a fleet, the fleet's part holds every profile's table, the chosen one's included.
+    run.report = "\n\n".join([*([run.fleet_report] if run.fleet else [run.table]),
+                               render_decision(decision, measured, run.confirmation),
                                "cost analysis:\n" + render_cost(analysis),
                                f"quantization-aware fine-tuning: {run.decided['qat']['outcome']}"])
     with run.clock.phase("track"):

@@ -474,7 +474,9 @@ def start_fleet_worker(stack: Stack, service: str) -> None:
     """A worker of one fleet pool under its CPU affinity; its flow runs (and the models they serve) inherit it."""
     code = Path(stack.config()["code"])
     pool, cpus = FLEET_WORKERS[service]
-    env = {**_prefect_env(stack, code), "REQUANT_PROJECT_DIR": str(code),
+    # Its flow runs beat too: the zombie automation crashes any run that stops beating, and one that never
+    # beat after its first would be crashed mid-measurement (found measuring the default on the stack).
+    env = {**_prefect_env(stack, code), "REQUANT_PROJECT_DIR": str(code), "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),
            "PREFECT_WORKER_HEARTBEAT_SECONDS": str(FLEET_HEARTBEAT_S)}
     _launch(stack, service, ["taskset", "-c", cpus, str(BIN / "prefect"), "worker", "start", "--pool", pool,
                              "--type", "process"], env, cwd=code)

@@ -82,3 +82,18 @@ def test_a_profile_prices_each_candidate_on_its_own_figures_and_its_own_failures
     assert priced["int8"].batched_cost.instances == 5  # ceil(1500 / 300): the batched figure stays as a column
     assert priced["int4"].speed is None and priced["int4"].cost is None
     assert measured[1].speed is None  # the run's own candidates are untouched: each profile gets copies
+
+
+def test_when_nothing_replaces_production_its_own_cheapest_profile_says_where_it_goes():
+    def both(profile: HardwareProfile, int8_at: tuple[float, float], production_at: tuple[float, float]) -> ProfileOutcome:
+        measurement = ProfileMeasurement(profile.name, {}, {"int8": speed(*int8_at), "production-v1": speed(*production_at)})
+        priced = priced_on([candidate("int8"), candidate("production-v1", production=True)], measurement, profile, TRAFFIC)
+        return ProfileOutcome(profile, None, measurement, priced, Decision("int8", True, "", {}, {}))
+
+    # int8 is cheapest on large (2 x $0.08 against 6 x $0.04); production alone is cheapest on small
+    # (6 x $0.04 against 5 x $0.08).
+    small, large = both(SMALL, (250, 260), (260, 290)), both(LARGE, (800, 820), (300, 320))
+    assert choose_pair([small, large], incumbent="small").pair.profile == "large"
+    production = choose_pair([small, large], incumbent="large", candidate="production-v1")
+    assert (production.pair.profile, production.pair.candidate) == ("small", "production-v1")
+    assert production.move == "move from large to small"

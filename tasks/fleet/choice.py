@@ -117,6 +117,8 @@ class FleetChoice:
     pairs: list[Pair]
     incumbent: str | None  # the instance type production is served on, as its version's tag says
     summary: str
+    # Set when the pair's candidate is not promoted: where production itself is cheapest (its own move).
+    production_move: str | None = None
 
     @property
     def move(self) -> str:
@@ -136,9 +138,12 @@ class FleetChoice:
                 "move": self.move, "summary": self.summary, "pairs": [vars(p) for p in self.pairs]}
 
 
-def pair_of(outcome: ProfileOutcome) -> Pair | None:
-    """The profile's winner as a pair, or None when it is not measured or nothing passed there."""
-    winner = outcome.winner() if outcome.measured else None
+def pair_of(outcome: ProfileOutcome, candidate: str | None = None) -> Pair | None:
+    """The profile's winner (or `candidate`) as a pair, or None when it is not measured or nothing passed there."""
+    if candidate is not None:
+        winner = next((m for m in outcome.candidates if m.built.name == candidate), None) if outcome.measured else None
+    else:
+        winner = outcome.winner() if outcome.measured else None
     if winner is None or winner.cost is None:
         return None
     cost = winner.cost
@@ -148,12 +153,13 @@ def pair_of(outcome: ProfileOutcome) -> Pair | None:
                 winner.built.is_production)
 
 
-def choose_pair(outcomes: list[ProfileOutcome], incumbent: str | None) -> FleetChoice:
-    """The cheapest pair beyond noise over the measured profiles (see the module's rules)."""
-    pairs = [p for p in (pair_of(o) for o in outcomes) if p is not None]
+def choose_pair(outcomes: list[ProfileOutcome], incumbent: str | None, candidate: str | None = None) -> FleetChoice:
+    """The cheapest pair beyond noise over the measured profiles (see the module's rules); with
+    `candidate`, the cheapest profile for that one candidate (production, when nothing replaces it)."""
+    pairs = [p for p in (pair_of(o, candidate) for o in outcomes) if p is not None]
     skipped = [f"{o.profile.name}: not measured ({o.not_measured_because})" for o in outcomes if not o.measured]
     skipped += [f"{o.profile.name}: nothing passes there ({o.decision.summary})" for o in outcomes
-                if o.measured and pair_of(o) is None and o.decision]
+                if o.measured and pair_of(o, candidate) is None and o.decision]
     if not pairs:
         return FleetChoice(None, [], incumbent, "; ".join(skipped) or "no profile in the fleet")
     # Not beaten beyond noise: no other pair's price lies below its low end.

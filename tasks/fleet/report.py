@@ -22,7 +22,10 @@ def profile_heading(outcome: ProfileOutcome) -> str:
 
 def render_fleet(outcomes: list[ProfileOutcome], choice: FleetChoice) -> str:
     """Text for report.txt: the choice and the move first, then each profile's table."""
-    parts = [f"instance type: {choice.move}", f"fleet decision: {choice.summary}"]
+    move = (f"{choice.production_move} (production keeps serving: {choice.pair.candidate} on {choice.pair.profile} "
+            "is not promoted)" if choice.production_move and choice.pair and not choice.pair.is_production
+            else choice.production_move or choice.move)
+    parts = [f"instance type: {move}", f"fleet decision: {choice.summary}"]
     for outcome in outcomes:
         parts.append(profile_heading(outcome))
         if outcome.measured:
