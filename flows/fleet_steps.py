@@ -19,7 +19,12 @@ from tasks.decide.decision import passes_quality, select_measured
 from tasks.evaluate.candidates import MeasuredCandidate, files_to_serve
 from tasks.fleet.choice import ProfileOutcome, choose_pair, decide_on_profile, priced_on
 from tasks.fleet.report import fleet_rows, render_fleet
-from tasks.fleet.request import MeasurementRequest, RequestedCandidate, write_request
+from tasks.fleet.request import (
+    FEEDS_FILE,
+    MeasurementRequest,
+    RequestedCandidate,
+    write_request,
+)
 from tasks.measure.loadtest import slo_ms
 from tasks.recipes.base import is_baseline
 
@@ -44,6 +49,7 @@ def price_on_fleet(run: RunState) -> None:
         log.info("fleet: %d candidates to measure on %s", len(sent), ", ".join(p.name for p in profiles))
         answers = measure_fleet(profiles, path, request.result_path, settings.cost.fleet_timeout_minutes * 60,
                                 settings.cost.fleet_parallel)
+        (folder / FEEDS_FILE).unlink(missing_ok=True)  # the answers and the request stay, as the record
     with run.clock.phase("select"):
         outcomes = []
         for profile in profiles:

@@ -204,9 +204,8 @@ def validate(run: RunState) -> None:
     settings = run.settings
     run.tracker.log_params(run.parent_id, {
         "source_uri": run.source.uri, "data_version": run.data.version, "calibration_md5": run.data.calibration_md5,
-        "evaluation_md5": run.data.evaluation_md5,
-        **({"fleet": ",".join(settings.cost.fleet)} if settings.cost.fleet else
-           {"hardware_profile": run.profile.name, "usd_per_hour": run.profile.usd_per_hour}), **record.flat("bar", settings.quality_bar.model_dump()),
+        "evaluation_md5": run.data.evaluation_md5, **_where_priced(settings, run.profile),
+        **record.flat("bar", settings.quality_bar.model_dump()),
         **record.flat("traffic", settings.cost.traffic.model_dump()),
         **record.flat("evaluate", settings.evaluate.model_dump()),
         "candidates": ",".join(c.name for c in settings.quantize.candidates),
@@ -567,6 +566,13 @@ def _search_mixed(rank_groups_lazily: Callable[[], list[GroupSensitivity]], refe
         budget=Budget(max_trials=settings.search.max_trials, max_seconds=settings.search.max_minutes * 60))
     log.info("search: %s; best k=%s", result.record["stop_reason"], result.record["best_k"])
     return result
+
+
+def _where_priced(settings: Settings, profile) -> dict[str, str | float]:
+    """The parent run's params on pricing: the fleet's profiles, or the one profile this host stands for."""
+    if settings.cost.fleet:
+        return {"fleet": ",".join(settings.cost.fleet)}
+    return {"hardware_profile": profile.name, "usd_per_hour": profile.usd_per_hour}
 
 
 def _priced_from(settings: Settings, run: RunState) -> str:
