@@ -18,7 +18,7 @@ from tasks.data.prepare import TEXT
 from tasks.decide.decision import passes_quality, select_measured
 from tasks.evaluate.candidates import MeasuredCandidate, files_to_serve
 from tasks.fleet.choice import ProfileOutcome, choose_pair, decide_on_profile, priced_on
-from tasks.fleet.report import fleet_rows, render_fleet
+from tasks.fleet.report import fleet_metrics, fleet_rows, render_fleet
 from tasks.fleet.request import (
     FEEDS_FILE,
     MeasurementRequest,
@@ -70,6 +70,8 @@ def price_on_fleet(run: RunState) -> None:
         else:  # nothing to rank: every candidate is unmeasured here, and nothing is promoted
             run.decision = select_measured(run.measured, run.reference, settings.quality_bar)
             run.decision.summary = f"no instance type chosen: {choice.summary}"
+        for m in run.measured:
+            m.fleet_metrics = fleet_metrics(m.built.name, outcomes)
         run.fleet = {"profiles": [o.as_dict() for o in outcomes], "choice": choice.as_dict(),
                      "request": str(path), "measured_any": any(o.measured for o in outcomes)}
         run.fleet_outcomes, run.fleet_choice = outcomes, choice

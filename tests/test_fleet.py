@@ -167,6 +167,13 @@ def test_both_profiles_measured_and_the_cheaper_pair_is_promoted_with_its_instan
     tags = tracker.client.get_run(summary.parent_run_id).data.tags
     assert tags["fleet.emu-1core.cores_available"] == "1" and tags["fleet.emu-2core.cores_available"] == "2"
     assert tags["requant.hardware_profile"] == "emu-1core"
+    # Each candidate's run holds its figures on both profiles, to compare in the MLflow UI.
+    runs = tracker.client.search_runs([tracker.experiment_id()], f"tags.mlflow.parentRunId = '{summary.parent_run_id}'")
+    assert sorted(run.data.tags["requant.candidate"] for run in runs) == ["fp32", "int8"]
+    for run in runs:
+        for name in ("emu-1core", "emu-2core"):
+            assert run.data.metrics[f"fleet.{name}.monthly_cost_usd"] == \
+                profiles[name]["candidates"][run.data.tags["requant.candidate"]]["monthly_cost_usd"]
 
 
 def test_a_killed_worker_and_a_pool_without_one_leave_their_profiles_out_and_the_run_still_decides(fleet,

@@ -98,6 +98,8 @@ class MeasuredCandidate:
     # model's served/batched ratio, or batched throughput; `batched_cost` keeps the batched price.
     served_price: ServedPrice | None = None
     batched_cost: CostEstimate | None = None
+    # With cost.fleet: its figures on every measured profile (fleet.PROFILE.*), so MLflow compares them.
+    fleet_metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def screened_out(self) -> bool:
@@ -154,6 +156,7 @@ class MeasuredCandidate:
         out["timing_seconds"] = self.timing_seconds
         if self.screen_throughput_per_s is not None:
             out["screen_throughput_per_s"] = self.screen_throughput_per_s
+        out.update(self.fleet_metrics)
         return out
 
 

@@ -51,3 +51,17 @@ def fleet_rows(outcomes: list[ProfileOutcome]) -> list[dict]:
                                                m.speed.throughput_low_per_s) if m.speed else None,
                          "reason": verdict.reason})
     return rows
+
+
+def fleet_metrics(candidate: str, outcomes: list[ProfileOutcome]) -> dict[str, float]:
+    """A candidate's figures on every profile that measured it, as MLflow metrics (`fleet.PROFILE.*`)."""
+    out = {}
+    for o in outcomes:
+        m = next((c for c in o.candidates if c.built.name == candidate and c.speed and c.cost), None)
+        if m is None:
+            continue
+        out[f"fleet.{o.profile.name}.throughput_per_s"] = m.speed.throughput_per_s
+        out[f"fleet.{o.profile.name}.priced_per_s"] = (m.served_price.sentences_per_s if m.served_price
+                                                       else m.speed.throughput_low_per_s)
+        out[f"fleet.{o.profile.name}.monthly_cost_usd"] = m.cost.monthly_cost_usd
+    return out
