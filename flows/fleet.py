@@ -28,8 +28,13 @@ POLL_S = 2.0
 
 
 def deployment_name(profile: HardwareProfile) -> str:
-    """The deployment that measures on `profile`'s pool."""
+    """The deployment that measures on `profile`'s pool (its flow's name not included)."""
     return f"measure-{profile.name}"
+
+
+def full_name(profile: HardwareProfile) -> str:
+    """FLOW/DEPLOYMENT, as Prefect looks a deployment up."""
+    return f"{FLOW_NAME}/{deployment_name(profile)}"
 
 
 def deploy(settings: Settings, code_dir: Path) -> list[str]:
@@ -52,7 +57,7 @@ def deploy(settings: Settings, code_dir: Path) -> list[str]:
             source.deploy(name=deployment_name(profile), work_pool_name=profile.work_pool, print_next_steps=False,
                           description=f"Time and load-test a requantize run's candidates as {profile.name} "
                                       f"(${profile.usd_per_hour}/h)", tags=["requant", "fleet"])
-            names.append(f"{FLOW_NAME}/{deployment_name(profile)}")
+            names.append(full_name(profile))
     return names
 
 
@@ -64,7 +69,6 @@ class Answer:
     measurement: ProfileMeasurement | None
     not_measured_because: str | None
     wall_seconds: float
-    flow_run_id: str | None = None
 
 
 def measure_fleet(profiles: list[HardwareProfile], request_path: Path, result_path_of, timeout_s: float,
@@ -78,11 +82,11 @@ def measure_fleet(profiles: list[HardwareProfile], request_path: Path, result_pa
     def one(profile: HardwareProfile) -> Answer:
         start = time.perf_counter()
         try:
-            measurement, run_id = _measure_on(profile, request_path, result_path_of(profile.name), timeout_s)
-            return Answer(profile.name, measurement, None, time.perf_counter() - start, run_id)
+            measurement = _measure_on(profile, request_path, result_path_of(profile.name), timeout_s)
+            return Answer(profile.name, measurement, None, time.perf_counter() - start)
         except NotMeasured as exc:
             log.warning("%s not measured: %s", profile.name, exc)
-            return Answer(profile.name, None, str(exc), time.perf_counter() - start, exc.flow_run_id)
+            return Answer(profile.name, None, str(exc), time.perf_counter() - start)
 
     if parallel:
         with ThreadPoolExecutor(max_workers=len(profiles) or 1) as pool:
@@ -93,10 +97,6 @@ def measure_fleet(profiles: list[HardwareProfile], request_path: Path, result_pa
 class NotMeasured(Exception):
     """Why a profile has no measurement (its text goes into the record)."""
 
-    def __init__(self, why: str, flow_run_id: str | None = None) -> None:
-        super().__init__(why)
-        self.flow_run_id = flow_run_id
-
 
 def live_workers(client, pool: str) -> list[str]:
     """Names of the pool's workers whose last heartbeat is within three of their heartbeat intervals."""
@@ -105,7 +105,7 @@ def live_workers(client, pool: str) -> list[str]:
     try:
         workers = client.read_workers_for_work_pool(pool)
     except ObjectNotFound:
-        raise NotMeasured(f"work pool {pool} does not exist: run `requant fleet deploy` and start a worker "
+        raise NotMeasured(f"work pool {pool} does not exist: run `requant fleet-deploy` and start a worker "
                           f"(prefect worker start --pool {pool})") from None
     now = datetime.now(timezone.utc)
     return [w.name for w in workers if w.last_heartbeat_time is not None
@@ -113,7 +113,7 @@ def live_workers(client, pool: str) -> list[str]:
 
 
 def _measure_on(profile: HardwareProfile, request_path: Path, result_path: Path,
-                timeout_s: float) -> tuple[ProfileMeasurement, str]:
+                timeout_s: float) -> ProfileMeasurement:
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
@@ -124,16 +124,15 @@ def _measure_on(profile: HardwareProfile, request_path: Path, result_path: Path,
         if not live_workers(client, pool):
             raise NotMeasured(f"no live worker in work pool {pool}: start one on a {profile.name} machine "
                               f"(prefect worker start --pool {pool})")
-        name = f"{FLOW_NAME}/{deployment_name(profile)}"
+        name = full_name(profile)
         try:
             client.read_deployment_by_name(name)
         except ObjectNotFound:
-            raise NotMeasured(f"no deployment {name}: run `requant fleet deploy --params PARAMS`") from None
+            raise NotMeasured(f"no deployment {name}: run `requant fleet-deploy --params PARAMS`") from None
         result_path.unlink(missing_ok=True)
         run = run_deployment(name, parameters={"request_path": str(request_path), "profile": profile.name},
                              timeout=0, flow_run_name=f"measure-{profile.name}")
-        run_id = str(run.id)
-        log.info("%s: measuring on work pool %s (flow run %s)", profile.name, pool, run_id)
+        log.info("%s: measuring on work pool %s (flow run %s)", profile.name, pool, run.id)
         deadline = time.monotonic() + timeout_s
         while True:
             state = client.read_flow_run(run.id).state
@@ -147,11 +146,11 @@ def _measure_on(profile: HardwareProfile, request_path: Path, result_path: Path,
             if why:
                 # Its run will never report: mark it crashed so the UI does not show it running forever.
                 client.set_flow_run_state(run.id, Crashed(message=f"requant: {why}"), force=True)
-                raise NotMeasured(why, run_id)
+                raise NotMeasured(why)
             time.sleep(POLL_S)
         if not state.is_completed():
-            raise NotMeasured(f"its measurement ended {state.name}: {(state.message or '').strip()[:300]}", run_id)
+            raise NotMeasured(f"its measurement ended {state.name}: {(state.message or '').strip()[:300]}")
         if not result_path.is_file():
             raise NotMeasured(f"its run completed but wrote no answer at {result_path} (is the work folder shared "
-                              "storage at the same path on the worker?)", run_id)
-        return ProfileMeasurement.from_dict(json.loads(result_path.read_text())), run_id
+                              "storage at the same path on the worker?)")
+        return ProfileMeasurement.from_dict(json.loads(result_path.read_text()))

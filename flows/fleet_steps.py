@@ -37,7 +37,7 @@ def price_on_fleet(run: RunState) -> None:
     profiles = settings.cost.fleet_profiles()
     folder = run.work_dir / "fleet" / run.parent_id
     with run.clock.phase("fleet"):
-        sent = [m for m in run.measured if _to_measure(m, run)]
+        sent = [m for m in run.measured if _to_measure(m)]
         request = MeasurementRequest(
             run_id=run.parent_id,
             candidates=[_requested(m, files_to_serve(m, run.reference, run.production), run) for m in sent],
@@ -89,11 +89,9 @@ def price_on_fleet(run: RunState) -> None:
 HOST_TAGS = ("cpu_model", "cpu_flags", "cpu_count", "cores_available", "onnxruntime")
 
 
-def _to_measure(m: MeasuredCandidate, run: RunState) -> bool:
-    """Scored, and passing the bar (production and FP32 always: savings are priced against them)."""
-    if m.error or m.quality is None or m.deferred or m.screened_out:
-        return False
-    return m.built.is_production or is_baseline(m.built) or passes_quality(m, run.reference, run.settings.quality_bar)
+def _to_measure(m: MeasuredCandidate) -> bool:
+    """Scored, and not marked untimed for failing the bar (time_passing; production and FP32 never are)."""
+    return not (m.error or m.quality is None or m.deferred or m.screened_out or m.untimed_because)
 
 
 def _requested(m: MeasuredCandidate, files, run: RunState) -> RequestedCandidate:

@@ -62,10 +62,10 @@ from tasks.decide.report import (
 )
 from tasks.decide.search import Budget
 from tasks.evaluate.candidates import (
-    UNTIMED_FAILING,
     MeasuredCandidate,
     compare_with_production,
     files_to_serve,
+    mark_untimed_if_failing,
     score_candidate,
     time_candidates,
 )
@@ -83,7 +83,6 @@ from tasks.measure.timing import cpu_info
 from tasks.models.base import open_model
 from tasks.recipes.base import (
     config_hash,
-    is_baseline,
     parse_config,
     recipe_class,
     runtime_versions,
@@ -312,9 +311,8 @@ def time_passing(run: RunState) -> None:
             m.screen_throughput_per_s = float(np.median(rates)) if rates else None
         if settings.cost.fleet:  # timed on each profile's own machine instead (flows/fleet_steps.py)
             for m in run.measured:
-                if (m.quality and not m.error and not m.built.is_production and not is_baseline(m.built)
-                        and not passes_quality(m, run.reference, settings.quality_bar)):
-                    m.untimed_because = UNTIMED_FAILING
+                if m.quality and not m.error:
+                    mark_untimed_if_failing(m, lambda m: passes_quality(m, run.reference, settings.quality_bar))
             return
         time_all(run.measured, run.reference, settings.evaluate, run.profile, settings.cost.traffic,
                  progress=lambda r, n: log.info("timing round %d/%d", r, n),

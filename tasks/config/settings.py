@@ -325,7 +325,7 @@ class HardwareProfile(_Section):
     description: str = Field("", description="What the machine is (vCPUs, CPU family).")
     work_pool: str | None = Field(
         None, description="Prefect work pool whose workers run on this machine type; a profile in cost.fleet is "
-                          "timed and load-tested there (requant fleet deploy puts the measurement on it).")
+                          "timed and load-tested there (requant fleet-deploy puts the measurement on it).")
 
     @field_validator("cpu_match")
     @classmethod

@@ -270,6 +270,15 @@ def compare_with_production(measured: list[MeasuredCandidate], reference: Refere
 UNTIMED_FAILING = "it fails the quality bar, so its speed cannot change the decision"
 
 
+def mark_untimed_if_failing(m: MeasuredCandidate, passes: Callable[[MeasuredCandidate], bool]) -> bool:
+    """Mark a scored candidate that fails the bar as not to be timed (production and FP32 are timed
+    whatever their quality: savings are priced against them); return whether it was marked."""
+    if m.built.is_production or is_baseline(m.built) or passes(m):
+        return False
+    m.untimed_because = UNTIMED_FAILING
+    return True
+
+
 def time_candidates(measured: list[MeasuredCandidate], reference: Reference, evaluate: EvaluateSettings,
                     profile: HardwareProfile, traffic: TrafficSettings,
                     progress: Callable[[int, int], None] | None = None, measure_memory: bool = True,
@@ -284,10 +293,7 @@ def time_candidates(measured: list[MeasuredCandidate], reference: Reference, eva
     """
     sessions = {}
     for m in measured:
-        if m.error or m.quality is None:
-            continue
-        if passes is not None and not m.built.is_production and not is_baseline(m.built) and not passes(m):
-            m.untimed_because = UNTIMED_FAILING
+        if m.error or m.quality is None or (passes is not None and mark_untimed_if_failing(m, passes)):
             continue
         try:
             sessions[m.built.name] = onnx_session(m.built.model_path, evaluate.intra_op_threads)

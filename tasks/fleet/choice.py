@@ -176,11 +176,16 @@ def choose_pair(outcomes: list[ProfileOutcome], incumbent: str | None, candidate
     return FleetChoice(chosen, pairs, incumbent, summary + ("; " + "; ".join(skipped) if skipped else ""))
 
 
+def priced_per_s(m: MeasuredCandidate) -> float:
+    """The throughput a timed candidate's price comes from: its served figure, else its batched low end."""
+    return m.served_price.sentences_per_s if m.served_price else m.speed.throughput_low_per_s
+
+
 def _figures(m: MeasuredCandidate) -> dict:
     return {"throughput_per_s": m.speed.throughput_per_s, "throughput_low_per_s": m.speed.throughput_low_per_s,
             "throughput_high_per_s": m.speed.throughput_high_per_s, "latency_p95_ms": m.speed.latency_p95_ms,
             "throughput_rounds_per_s": list(m.speed.throughput_rounds),
-            "priced_per_s": m.served_price.sentences_per_s if m.served_price else m.speed.throughput_low_per_s,
+            "priced_per_s": priced_per_s(m),
             "priced_from": m.served_price.describe() if m.served_price else "batched in-process throughput",
             "monthly_cost_usd": m.cost.monthly_cost_usd if m.cost else None,
             "instances": m.cost.instances if m.cost else None}

@@ -108,7 +108,7 @@ def measure_request(request_path: str | Path, profile: str) -> ProfileMeasuremen
                        request.folder / "scratch" / profile, result.served, threads)
     result.seconds = time.perf_counter() - start
     path = request.result_path(profile)
-    path.write_text(json.dumps(result.as_dict()))  # NaN (memory not probed) round-trips
+    path.write_text(json.dumps(result.as_dict()))  # NaN (a failed memory probe) round-trips
     log.info("%s measured in %.0f s: %s", profile, result.seconds, path)
     return result
 

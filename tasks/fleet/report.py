@@ -4,7 +4,7 @@ where serving moves."""
 from __future__ import annotations
 
 from tasks.decide.report import candidate_rows, render_table
-from tasks.fleet.choice import FleetChoice, ProfileOutcome
+from tasks.fleet.choice import FleetChoice, ProfileOutcome, priced_per_s
 
 
 def profile_heading(outcome: ProfileOutcome) -> str:
@@ -47,8 +47,7 @@ def fleet_rows(outcomes: list[ProfileOutcome]) -> list[dict]:
                          "verdict": "winner" if m.built.name == o.decision.winner else
                          "pass" if verdict.passed_bar else "fail",
                          "usd_per_month": m.cost.monthly_cost_usd if m.cost else None,
-                         "priced_per_s": round(m.served_price.sentences_per_s if m.served_price else
-                                               m.speed.throughput_low_per_s) if m.speed else None,
+                         "priced_per_s": round(priced_per_s(m)) if m.speed else None,
                          "reason": verdict.reason})
     return rows
 
@@ -61,7 +60,6 @@ def fleet_metrics(candidate: str, outcomes: list[ProfileOutcome]) -> dict[str, f
         if m is None:
             continue
         out[f"fleet.{o.profile.name}.throughput_per_s"] = m.speed.throughput_per_s
-        out[f"fleet.{o.profile.name}.priced_per_s"] = (m.served_price.sentences_per_s if m.served_price
-                                                       else m.speed.throughput_low_per_s)
+        out[f"fleet.{o.profile.name}.priced_per_s"] = priced_per_s(m)
         out[f"fleet.{o.profile.name}.monthly_cost_usd"] = m.cost.monthly_cost_usd
     return out
